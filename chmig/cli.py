@@ -1,0 +1,122 @@
+"""The ``chmig`` command line: one subcommand per job, errors as one clear line.
+
+Each subcommand's handler is imported lazily so ``chmig --help`` stays fast and
+works on a machine without /dev/kvm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from typing import Callable, Sequence
+
+from .errors import ChmigError
+
+log = logging.getLogger("chmig")
+
+
+def _not_implemented(name: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        print(f"chmig {name}: not implemented yet", file=sys.stderr)
+        return 2
+
+    return handler
+
+
+def _lazy(module: str, function: str) -> Callable[[argparse.Namespace], int]:
+    def handler(args: argparse.Namespace) -> int:
+        return getattr(importlib.import_module(f"chmig.{module}"), function)(args)
+
+    return handler
+
+
+def _selfcheck(args: argparse.Namespace) -> int:
+    from . import selfcheck
+
+    return 0 if selfcheck.run(args.url) else 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="chmig",
+        description="Cloud Hypervisor's live-migration protocol in Python, driving a real KVM guest.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)")
+    parser.add_argument("--log-file", help="write the log to this file instead of standard error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    run = sub.add_parser("run", help="boot a KVM VM (or an empty VMM) and serve its API")
+    run.set_defaults(handler=_lazy("vmm", "main_run"))
+    _add_run_arguments(run)
+
+    remote = sub.add_parser("remote", help="talk to a running chmig VMM, like ch-remote")
+    remote.set_defaults(handler=_lazy("api", "main_remote"))
+    remote.add_argument("--api-socket", required=True, help="the VMM's API socket")
+    remote.add_argument("action", help="ping, info, pause, resume, shutdown, shutdown-vmm, send-migration, "
+                        "receive-migration, snapshot, restore")
+    remote.add_argument("options", nargs="?", default="", help="key=value[,key=value...] for the action")
+
+    receive = sub.add_parser("receive", help="wait for an incoming migration and run the VM it brings")
+    receive.set_defaults(handler=_lazy("receive", "main_receive"))
+    receive.add_argument("--listen", required=True, metavar="URL", help="tcp:HOST:PORT or unix:PATH")
+    receive.add_argument("--tls-dir", help="directory with ca-cert.pem, server-cert.pem, server-key.pem ...")
+    receive.add_argument("--api-socket", help="serve the received VM's API on this UNIX socket")
+    receive.add_argument("--serial", default="tty", help="tty, off or file=PATH (default tty)")
+    receive.add_argument("--exit-after-migration", action="store_true",
+                         help="exit once the migration finished instead of running the VM")
+
+    offload = sub.add_parser("offload", help="snapshot/restore daemon (Cloud Hypervisor's offload_daemon)")
+    offload.set_defaults(handler=_not_implemented("offload"))
+    offload.add_argument("mode", choices=["snapshot", "restore"])
+    offload.add_argument("--socket")
+    offload.add_argument("--output-dir")
+    offload.add_argument("--input-dir")
+    offload.add_argument("--resume", action="store_true")
+    offload.add_argument("--ondemand", action="store_true")
+
+    walkthrough = sub.add_parser("walkthrough", help="teach the protocol by running it, step by step")
+    walkthrough.set_defaults(handler=_not_implemented("walkthrough"))
+
+    demo = sub.add_parser("demo", help="the main job: a live migration between two chmig processes")
+    demo.set_defaults(handler=_lazy("demo", "main_demo"))
+    demo.add_argument("--memory", default="256M", help="guest RAM size (default 256M)")
+    demo.add_argument("--cpus", type=int, default=2, help="vCPUs (default 2)")
+    demo.add_argument("--connections", type=int, default=2, help="migration connections (default 2)")
+
+    selfcheck = sub.add_parser("selfcheck", help="a full protocol exchange between two threads over loopback")
+    selfcheck.set_defaults(handler=_selfcheck)
+    selfcheck.add_argument("--url", default="tcp:127.0.0.1:0", help="where to listen (default tcp:127.0.0.1:0)")
+    return parser
+
+
+def _add_run_arguments(run: argparse.ArgumentParser) -> None:
+    run.add_argument("--api-socket", help="serve Cloud Hypervisor's HTTP API on this UNIX socket")
+    run.add_argument("--cpus", help="boot=N (default 1)")
+    run.add_argument("--memory", help="size=SIZE[,shared=on|off] (default shared=on)")
+    run.add_argument("--memory-zone", action="append", default=[], help="id=NAME,size=SIZE[,shared=on|off]")
+    run.add_argument("--workload", help="verify[,dirty_percent=P][,dirty_rate=MIB] | counter | idle")
+    run.add_argument("--serial", default="tty", help="tty, off or file=PATH (default tty)")
+
+
+def configure_logging(verbosity: int, log_file: str | None) -> None:
+    level = logging.WARNING - 10 * min(verbosity, 2)
+    logging.basicConfig(
+        level=level,
+        filename=log_file,
+        format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s",
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    configure_logging(args.verbose, args.log_file)
+    try:
+        return int(args.handler(args) or 0)
+    except ChmigError as exc:
+        print(f"chmig {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"chmig {args.command}: interrupted", file=sys.stderr)
+        return 130

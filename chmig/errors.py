@@ -1,0 +1,64 @@
+"""The one exception hierarchy of chmig.
+
+Every error carries *what* failed (the message) and *where* (``where``: a
+protocol step, a URL, a file, an ioctl).  The CLI prints ``str(error)`` as one
+line and exits non-zero, so messages are written to stand alone.
+
+    ChmigError
+    ├── UsageError          bad command line, API request or option value
+    ├── KvmError            a KVM ioctl or vCPU exit went wrong
+    ├── VmError             the VM is in the wrong state or cannot be built
+    ├── UffdError           userfaultfd registration or resolution failed
+    └── MigrationError      anything on the migration path
+        ├── ProtocolError   the peer broke the wire protocol (bad header, bad state)
+        ├── TransportError  a socket, URL, TLS or fd-passing failure
+        ├── PeerError       the peer answered Error
+        └── ConvergenceError  precopy did not converge and the strategy is cancel
+"""
+
+from __future__ import annotations
+
+
+class ChmigError(Exception):
+    """Base of every error chmig raises on purpose."""
+
+    def __init__(self, message: str, *, where: str | None = None) -> None:
+        self.message = message
+        self.where = where
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UsageError(ChmigError):
+    """A command line, API request or option value is wrong."""
+
+
+class KvmError(ChmigError):
+    """A KVM ioctl failed or a vCPU exited in a way the VMM cannot handle."""
+
+
+class VmError(ChmigError):
+    """The VM cannot do what was asked in its current state, or cannot be built."""
+
+
+class UffdError(ChmigError):
+    """userfaultfd could not be set up or a fault could not be resolved."""
+
+
+class MigrationError(ChmigError):
+    """A migration failed."""
+
+
+class ProtocolError(MigrationError):
+    """The peer sent something the protocol does not allow."""
+
+
+class TransportError(MigrationError):
+    """A connection, URL, TLS handshake or fd transfer failed."""
+
+
+class PeerError(MigrationError):
+    """The peer answered a request with an Error response."""
+
+
+class ConvergenceError(MigrationError):
+    """Precopy did not converge in time and the timeout strategy is ``cancel``."""

@@ -1,0 +1,621 @@
+"""Cloud Hypervisor's live-migration wire protocol, version 0 — the format and the rules, no I/O.
+
+Rules of this module (after h11's ``_state.py``):
+
+* Everything that affects the receiver's state machine lives in this file, in
+  one table: :data:`RECEIVER_TRANSITIONS`.  The receive code never decides on
+  its own whether a command is allowed; it asks :class:`ReceiverMachine`.
+* Every struct that crosses the wire is encoded and decoded here, to exactly
+  the bytes Cloud Hypervisor's ``vm-migration/src/protocol.rs`` produces.
+* Nothing here touches a socket, a file or guest memory, so all of it can be
+  tested with plain bytes.
+* Every limit a hostile peer could abuse is a named constant in :class:`Limits`.
+
+Framing
+-------
+All integers are little-endian.  Every message is a 16-byte header followed by
+``length`` bytes of payload::
+
+    Request   u16 command | u8[6] command_headers | u64 length
+    Response  u16 status  | u8[6] padding (zero)  | u64 length
+    MemoryRange           u64 gpa                 | u64 length
+    ConnectionRole        u16 role   (first 2 bytes of an additional connection)
+
+A Response answers every Request.
+
+Remote migration (one main connection)::
+
+    Source                                   Destination
+      |--- Start (version in headers) -------->|
+      |<-------------------------------- Ok ---|
+      |--- Config (JSON) --------------------->|   builds the VM, allocates RAM
+      |<-------------------------------- Ok ---|
+      |    dirty logging on                    |
+      |--- Memory (table, then bytes) -------->|   iteration 0, 1, 2, ...
+      |<-------------------------------- Ok ---|
+      |    pause; final Memory                 |
+      |--- State (JSON) ---------------------->|   restores vCPUs and devices
+      |<-------------------------------- Ok ---|
+      |--- Complete | CompletePaused --------->|   resumes (or leaves paused)
+      |<-------------------------------- Ok ---|
+
+Local migration (``local=on``, UNIX socket, shared memory) sends one MemoryFd
+per RAM slot (4-byte slot number + the memfd as SCM_RIGHTS) between Start and
+Config, and no Memory at all.
+
+With ``connections=N > 1`` the sender opens N additional connections (as Cloud
+Hypervisor does) that each announce :attr:`ConnectionRole.PRECOPY_MEMORY` and
+carry only Memory requests, in tables of at most 64 MiB; the main connection then
+carries control only.
+A postcopy Fault connection announces :attr:`ConnectionRole.FAULT` and carries
+PageFault requests from the destination to the source.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator
+
+from .errors import ProtocolError
+
+# --------------------------------------------------------------------------
+# Constants
+# --------------------------------------------------------------------------
+
+#: The protocol version chmig speaks (Cloud Hypervisor's ``CURRENT_PROTOCOL_VERSION``).
+PROTOCOL_VERSION = 0
+
+#: A receiver accepts the current version and the one before it (saturating at 0).
+SUPPORTED_VERSIONS = range(max(PROTOCOL_VERSION - 1, 0), PROTOCOL_VERSION + 1)
+
+HEADER_SIZE = 16
+MEMORY_RANGE_SIZE = 16
+ROLE_SIZE = 2
+#: MemoryFd's payload: the u32 slot number (the fd itself travels as SCM_RIGHTS).
+MEMORY_FD_PAYLOAD_SIZE = 4
+PAGE_SIZE = 4096
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+#: With several connections, memory travels in tables of at most this many bytes.
+PRECOPY_CHUNK_SIZE = 64 * MiB
+#: Additional connections allowed per migration (``connections=N``, N in 1..128).
+MAX_CONNECTIONS = 128
+#: How long a receiver waits for the 2-byte role of an additional connection.
+ROLE_HEADER_TIMEOUT_S = 10.0
+#: How long a postcopy destination waits for the source's Fault connection.
+FAULT_CONNECTION_WAIT_S = 30.0
+
+_HEADER = struct.Struct("<H6sQ")
+_RANGE = struct.Struct("<QQ")
+_ROLE = struct.Struct("<H")
+_SLOT = struct.Struct("<I")
+_U64_MAX = (1 << 64) - 1
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Upper bounds on what a peer may make the receiver read or allocate."""
+
+    #: Largest Config payload (JSON) accepted.
+    max_config_bytes: int = 64 * MiB
+    #: Largest State payload (JSON) accepted.
+    max_state_bytes: int = 64 * MiB
+    #: Largest MemoryRangeTable accepted in one Memory request (1 Mi ranges).
+    max_table_bytes: int = 16 * MiB
+    #: Largest range one PageFault may ask for.
+    max_page_fault_bytes: int = 1 * GiB
+    #: Additional connections accepted per migration.
+    max_connections: int = MAX_CONNECTIONS
+
+
+DEFAULT_LIMITS = Limits()
+
+
+# --------------------------------------------------------------------------
+# Enumerations
+# --------------------------------------------------------------------------
+
+
+class Command(enum.IntEnum):
+    """Request commands, with Cloud Hypervisor's numbers."""
+
+    INVALID = 0
+    START = 1
+    CONFIG = 2
+    STATE = 3
+    MEMORY = 4
+    #: Finish and resume the VM on the destination (the source VM was running).
+    COMPLETE = 5
+    ABANDON = 6
+    MEMORY_FD = 7
+    #: Finish and leave the VM paused (the source VM was paused).
+    COMPLETE_PAUSED = 8
+    #: Ask the source for a page (postcopy, on the Fault connection).
+    PAGE_FAULT = 9
+
+    @property
+    def wire_name(self) -> str:
+        """The name Cloud Hypervisor uses (``CompletePaused``), for messages."""
+        return "".join(part.capitalize() for part in self.name.split("_"))
+
+
+class Status(enum.IntEnum):
+    """Response statuses."""
+
+    INVALID = 0
+    OK = 1
+    ERROR = 2
+
+
+class ConnectionRole(enum.IntEnum):
+    """First two bytes of an additional connection."""
+
+    INVALID = 0
+    PRECOPY_MEMORY = 1
+    FAULT = 2
+
+    def encode(self) -> bytes:
+        return _ROLE.pack(self.value)
+
+    @classmethod
+    def decode(cls, data: bytes) -> ConnectionRole:
+        if len(data) != ROLE_SIZE:
+            raise ProtocolError(
+                f"connection role must be {ROLE_SIZE} bytes, got {len(data)}",
+                where="connection role",
+            )
+        (value,) = _ROLE.unpack(data)
+        try:
+            return cls(value)
+        except ValueError:
+            raise ProtocolError(f"unknown connection role: {value}", where="connection role") from None
+
+
+# --------------------------------------------------------------------------
+# Headers
+# --------------------------------------------------------------------------
+
+
+def _check_header_size(data: bytes, what: str) -> None:
+    if len(data) != HEADER_SIZE:
+        raise ProtocolError(f"{what} header must be {HEADER_SIZE} bytes, got {len(data)}", where=what)
+
+
+@dataclass(frozen=True)
+class Request:
+    """A 16-byte request header; ``length`` counts the payload that follows."""
+
+    command: Command
+    length: int = 0
+    command_headers: bytes = bytes(6)
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(self.command, self.command_headers, self.length)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Request:
+        _check_header_size(data, "request")
+        value, headers, length = _HEADER.unpack(data)
+        try:
+            command = Command(value)
+        except ValueError:
+            raise ProtocolError(
+                f"received request with unknown command {value}", where="request header"
+            ) from None
+        return cls(command, length, headers)
+
+    # The constructors Cloud Hypervisor's sender uses.
+    @classmethod
+    def start(cls, version: int = PROTOCOL_VERSION) -> Request:
+        """Start carries the sender's protocol version in ``command_headers[0:2]``."""
+        return cls(Command.START, 0, struct.pack("<H4x", version))
+
+    @classmethod
+    def config(cls, length: int) -> Request:
+        return cls(Command.CONFIG, length)
+
+    @classmethod
+    def state(cls, length: int) -> Request:
+        return cls(Command.STATE, length)
+
+    @classmethod
+    def memory(cls, table_length: int) -> Request:
+        """``table_length`` is the table's size; the memory bytes follow uncounted."""
+        return cls(Command.MEMORY, table_length)
+
+    @classmethod
+    def memory_fd(cls) -> Request:
+        return cls(Command.MEMORY_FD, MEMORY_FD_PAYLOAD_SIZE)
+
+    @classmethod
+    def complete(cls) -> Request:
+        return cls(Command.COMPLETE)
+
+    @classmethod
+    def complete_paused(cls) -> Request:
+        return cls(Command.COMPLETE_PAUSED)
+
+    @classmethod
+    def abandon(cls) -> Request:
+        return cls(Command.ABANDON)
+
+    @classmethod
+    def page_fault(cls) -> Request:
+        return cls(Command.PAGE_FAULT, MEMORY_RANGE_SIZE)
+
+    @property
+    def sender_version(self) -> int:
+        """The version field of a Start request (bytes 2..6 of the headers are ignored)."""
+        return int.from_bytes(self.command_headers[0:2], "little")
+
+    def check_sender_version(self) -> int:
+        """Protocol step *Start*: accept the current or previous version, else raise."""
+        version = self.sender_version
+        if version not in SUPPORTED_VERSIONS:
+            supported = ", ".join(str(v) for v in SUPPORTED_VERSIONS)
+            raise ProtocolError(
+                f"migration protocol version {version} doesn't match supported versions: {supported}",
+                where="Start",
+            )
+        return version
+
+
+@dataclass(frozen=True)
+class Response:
+    """A 16-byte response header; ``length`` counts a payload (only PageFault answers carry one)."""
+
+    status: Status
+    length: int = 0
+
+    def encode(self) -> bytes:
+        return _HEADER.pack(self.status, bytes(6), self.length)
+
+    @classmethod
+    def decode(cls, data: bytes) -> Response:
+        _check_header_size(data, "response")
+        value, _padding, length = _HEADER.unpack(data)
+        try:
+            status = Status(value)
+        except ValueError:
+            raise ProtocolError(
+                f"received response with unknown status {value}", where="response header"
+            ) from None
+        return cls(status, length)
+
+    @classmethod
+    def ok(cls, length: int = 0) -> Response:
+        return cls(Status.OK, length)
+
+    @classmethod
+    def error(cls) -> Response:
+        return cls(Status.ERROR)
+
+    @property
+    def is_ok(self) -> bool:
+        return self.status is Status.OK
+
+
+# --------------------------------------------------------------------------
+# Memory ranges
+# --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, order=True)
+class MemoryRange:
+    """``length`` bytes of guest memory starting at guest-physical ``gpa``."""
+
+    gpa: int
+    length: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.length
+
+    def encode(self) -> bytes:
+        return _RANGE.pack(self.gpa, self.length)
+
+    @classmethod
+    def decode(cls, data: bytes) -> MemoryRange:
+        if len(data) != MEMORY_RANGE_SIZE:
+            raise ProtocolError(
+                f"memory range must be {MEMORY_RANGE_SIZE} bytes, got {len(data)}", where="memory range"
+            )
+        gpa, length = _RANGE.unpack(data)
+        if gpa + length > _U64_MAX + 1:
+            raise ProtocolError(
+                f"memory range {gpa:#x}+{length:#x} wraps past the end of the address space",
+                where="memory range",
+            )
+        return cls(gpa, length)
+
+
+def check_page_fault_range(rng: MemoryRange, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Protocol step *PageFault*: the range must be non-empty, page aligned and at most 1 GiB."""
+    if rng.length == 0:
+        raise ProtocolError("page fault for an empty range", where="PageFault")
+    if rng.length > limits.max_page_fault_bytes:
+        raise ProtocolError(
+            f"page fault for {rng.length} bytes exceeds the limit of {limits.max_page_fault_bytes}",
+            where="PageFault",
+        )
+    if rng.gpa % PAGE_SIZE or rng.length % PAGE_SIZE:
+        raise ProtocolError(
+            f"page fault range {rng.gpa:#x}+{rng.length:#x} is not page aligned", where="PageFault"
+        )
+
+
+@dataclass
+class MemoryRangeTable:
+    """A list of ranges that travels as one Memory payload: n × 16 bytes."""
+
+    ranges: list[MemoryRange] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.ranges)
+
+    def __iter__(self) -> Iterator[MemoryRange]:
+        return iter(self.ranges)
+
+    def __bool__(self) -> bool:
+        return bool(self.ranges)
+
+    def append(self, rng: MemoryRange) -> None:
+        self.ranges.append(rng)
+
+    def extend(self, other: Iterable[MemoryRange]) -> None:
+        self.ranges.extend(other)
+
+    @property
+    def byte_length(self) -> int:
+        """The table's size on the wire (the Memory request's ``length``)."""
+        return MEMORY_RANGE_SIZE * len(self.ranges)
+
+    @property
+    def total_bytes(self) -> int:
+        """How many bytes of guest memory follow the table (``effective_size``)."""
+        return sum(r.length for r in self.ranges)
+
+    def encode(self) -> bytes:
+        return b"".join(_RANGE.pack(r.gpa, r.length) for r in self.ranges)
+
+    @classmethod
+    def decode(cls, data: bytes) -> MemoryRangeTable:
+        if len(data) % MEMORY_RANGE_SIZE:
+            raise ProtocolError(
+                f"memory range table of {len(data)} bytes is not a multiple of {MEMORY_RANGE_SIZE}",
+                where="Memory",
+            )
+        ranges = []
+        for gpa, length in _RANGE.iter_unpack(data):
+            if gpa + length > _U64_MAX + 1:
+                raise ProtocolError(
+                    f"memory range {gpa:#x}+{length:#x} wraps past the end of the address space",
+                    where="Memory",
+                )
+            ranges.append(MemoryRange(gpa, length))
+        return cls(ranges)
+
+    @classmethod
+    def from_dirty_bitmap(
+        cls, bitmap: bytes | Iterable[int], start_addr: int, page_size: int = PAGE_SIZE
+    ) -> MemoryRangeTable:
+        """Turn a KVM dirty bitmap into ranges, merging adjacent dirty pages.
+
+        ``bitmap`` is either raw bytes (as ``KVM_GET_DIRTY_LOG`` fills them) or
+        an iterable of u64 words; bit *b* of word *w* is page ``64*w + b``.
+        """
+        if isinstance(bitmap, (bytes, bytearray, memoryview)):
+            raw = bytes(bitmap)
+            raw += bytes(-len(raw) % 8)
+            words: Iterable[int] = (w for (w,) in struct.iter_unpack("<Q", raw))
+        else:
+            words = bitmap
+        ranges: list[MemoryRange] = []
+        run_start = -1  # first page of the run being built, or -1
+        run_end = -1
+        for word_index, word in enumerate(words):
+            base = 64 * word_index
+            while word:
+                low = (word & -word).bit_length() - 1
+                shifted = word >> low
+                # Length of the run of ones starting at bit `low`.
+                ones = ((shifted + 1) & ~shifted).bit_length() - 1
+                first, last = base + low, base + low + ones
+                if first == run_end:
+                    run_end = last
+                else:
+                    if run_start >= 0:
+                        ranges.append(
+                            MemoryRange(start_addr + run_start * page_size, (run_end - run_start) * page_size)
+                        )
+                    run_start, run_end = first, last
+                word = (shifted >> ones) << (low + ones) if low + ones < 64 else 0
+        if run_start >= 0:
+            ranges.append(MemoryRange(start_addr + run_start * page_size, (run_end - run_start) * page_size))
+        return cls(ranges)
+
+    def partition(self, chunk_size: int) -> Iterator[MemoryRangeTable]:
+        """Split into tables of at most ``chunk_size`` bytes each; a range may be split.
+
+        Produces the same chunks as Cloud Hypervisor's ``MemoryRangeTableIterator``:
+        it takes ranges from the *end* of the table and, when a range does not
+        fit, takes the range's tail and leaves its head for the next chunk.  Each
+        chunk lists its ranges in ascending order.  Callers must not rely on the
+        order of the chunks.
+        """
+        if chunk_size <= 0:
+            raise ValueError("chunk_size must be positive")
+        chunk: list[MemoryRange] = []
+        room = chunk_size
+        for rng in reversed(self.ranges):
+            gpa, length = rng.gpa, rng.length
+            while length:
+                take = min(length, room)
+                length -= take
+                chunk.append(MemoryRange(gpa + length, take))
+                room -= take
+                if room == 0:
+                    yield MemoryRangeTable(chunk[::-1])
+                    chunk, room = [], chunk_size
+        if chunk:
+            yield MemoryRangeTable(chunk[::-1])
+
+
+def encode_memory_fd_slot(slot: int) -> bytes:
+    """MemoryFd's 4-byte payload."""
+    return _SLOT.pack(slot)
+
+
+def decode_memory_fd_slot(data: bytes) -> int:
+    if len(data) != MEMORY_FD_PAYLOAD_SIZE:
+        raise ProtocolError(
+            f"MemoryFd payload must be {MEMORY_FD_PAYLOAD_SIZE} bytes, got {len(data)}", where="MemoryFd"
+        )
+    return _SLOT.unpack(data)[0]
+
+
+# --------------------------------------------------------------------------
+# The receiver's state machine
+# --------------------------------------------------------------------------
+
+
+class ReceiverState(enum.Enum):
+    """Where the receiving side of the main connection is."""
+
+    ESTABLISHED = "Established"
+    STARTED = "Started"
+    MEMORY_FDS_RECEIVED = "MemoryFdsReceived"
+    CONFIGURED = "Configured"
+    STATE_RECEIVED = "StateReceived"
+    COMPLETED = "Completed"
+    ABORTED = "Aborted"
+
+
+_S = ReceiverState
+_C = Command
+
+#: The whole receiver state machine: (state, command) → next state.
+#: Abandon is allowed in every non-final state and leads to Aborted (answered Ok).
+#: Anything not in this table is a protocol error: the receiver answers Error and aborts.
+RECEIVER_TRANSITIONS: dict[tuple[ReceiverState, Command], ReceiverState] = {
+    (_S.ESTABLISHED, _C.START): _S.STARTED,
+    (_S.STARTED, _C.MEMORY_FD): _S.MEMORY_FDS_RECEIVED,
+    (_S.MEMORY_FDS_RECEIVED, _C.MEMORY_FD): _S.MEMORY_FDS_RECEIVED,
+    (_S.STARTED, _C.CONFIG): _S.CONFIGURED,
+    (_S.MEMORY_FDS_RECEIVED, _C.CONFIG): _S.CONFIGURED,
+    (_S.CONFIGURED, _C.MEMORY): _S.CONFIGURED,
+    (_S.CONFIGURED, _C.STATE): _S.STATE_RECEIVED,
+    (_S.STATE_RECEIVED, _C.COMPLETE): _S.COMPLETED,
+    (_S.STATE_RECEIVED, _C.COMPLETE_PAUSED): _S.COMPLETED,
+}
+
+FINAL_STATES = frozenset({_S.COMPLETED, _S.ABORTED})
+
+#: Commands whose request carries no payload: ``length`` must be 0.
+_NO_PAYLOAD = frozenset({_C.START, _C.COMPLETE, _C.COMPLETE_PAUSED, _C.ABANDON})
+
+
+def next_receiver_state(state: ReceiverState, command: Command) -> ReceiverState:
+    """Is ``command`` allowed in ``state``, and where does it lead?"""
+    if state in FINAL_STATES:
+        raise ProtocolError(
+            f"can't handle command {command.wire_name}: the migration is already {state.value}",
+            where=state.value,
+        )
+    if command is _C.ABANDON:
+        return _S.ABORTED
+    try:
+        return RECEIVER_TRANSITIONS[(state, command)]
+    except KeyError:
+        raise ProtocolError(
+            f"can't handle command {command.wire_name} in receive state {state.value}", where=state.value
+        ) from None
+
+
+def check_request_length(request: Request, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Reject a header whose ``length`` the receiver must not read or allocate."""
+    cmd, length = request.command, request.length
+    where = cmd.wire_name
+    if cmd in _NO_PAYLOAD and length:
+        raise ProtocolError(f"{where} carries no payload, but length is {length}", where=where)
+    if cmd is _C.CONFIG and length > limits.max_config_bytes:
+        raise ProtocolError(
+            f"config of {length} bytes exceeds the limit of {limits.max_config_bytes}", where=where
+        )
+    if cmd is _C.STATE and length > limits.max_state_bytes:
+        raise ProtocolError(f"state of {length} bytes exceeds the limit of {limits.max_state_bytes}", where=where)
+    if cmd is _C.MEMORY:
+        if length % MEMORY_RANGE_SIZE:
+            raise ProtocolError(
+                f"memory range table of {length} bytes is not a multiple of {MEMORY_RANGE_SIZE}", where=where
+            )
+        if length > limits.max_table_bytes:
+            raise ProtocolError(
+                f"memory range table of {length} bytes exceeds the limit of {limits.max_table_bytes}",
+                where=where,
+            )
+    if cmd is _C.MEMORY_FD and length != MEMORY_FD_PAYLOAD_SIZE:
+        raise ProtocolError(f"MemoryFd payload must be {MEMORY_FD_PAYLOAD_SIZE} bytes, got {length}", where=where)
+    if cmd is _C.PAGE_FAULT and length != MEMORY_RANGE_SIZE:
+        raise ProtocolError(f"PageFault payload must be {MEMORY_RANGE_SIZE} bytes, got {length}", where=where)
+
+
+class ReceiverMachine:
+    """The receiver's protocol state, advanced one request at a time (sans I/O).
+
+    The receive loop calls :meth:`begin` with each request header *before*
+    reading its payload (so nothing is read or allocated for a command that is
+    not allowed), does the work of the step, then calls :meth:`commit`.  Any
+    failure in between is reported with :meth:`fail`, which moves to Aborted.
+    """
+
+    def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
+        self.limits = limits
+        self.state = _S.ESTABLISHED
+        self._pending: ReceiverState | None = None
+        self.history: list[tuple[Command, ReceiverState]] = []
+
+    @property
+    def finished(self) -> bool:
+        return self.state in FINAL_STATES
+
+    def begin(self, request: Request) -> ReceiverState:
+        """Validate ``request`` against the table and the limits; return the state it leads to."""
+        try:
+            target = next_receiver_state(self.state, request.command)
+            check_request_length(request, self.limits)
+            if request.command is _C.START:
+                request.check_sender_version()
+        except ProtocolError:
+            self.fail()
+            raise
+        self._pending = target
+        return target
+
+    def commit(self) -> ReceiverState:
+        """The step succeeded: move to the state :meth:`begin` announced."""
+        if self._pending is None:
+            raise RuntimeError("commit() without begin()")
+        self.state, self._pending = self._pending, None
+        return self.state
+
+    def fail(self) -> None:
+        """The step failed (Error was or will be answered): the migration is aborted."""
+        self._pending = None
+        self.state = _S.ABORTED
+
+
+def receiver_state_diagram() -> str:
+    """The receiver state machine as a mermaid ``stateDiagram-v2``, drawn from the table."""
+    lines = ["stateDiagram-v2", "    direction TB", f"    [*] --> {_S.ESTABLISHED.value}"]
+    for (state, command), target in RECEIVER_TRANSITIONS.items():
+        lines.append(f"    {state.value} --> {target.value}: {command.wire_name}")
+    lines.append(f"    note right of {_S.ABORTED.value}: Abandon (from any state), or any error")
+    lines.append(f"    {_S.COMPLETED.value} --> [*]")
+    lines.append(f"    {_S.ABORTED.value} --> [*]")
+    return "\n".join(lines)
