@@ -192,8 +192,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._reply(500, {"error": f"internal error: {exc!r}"})
         else:
             self._reply(200 if result is not None else 204, result)
-        if self.server.vmm.exit_after_reply:
-            self.server.vmm.exit_event.set()
+        finally:
+            if self.server.vmm.exit_after_reply:
+                self.server.vmm.exit_event.set()
 
     def _reply(self, status: int, body: Any) -> None:
         data = b"" if body is None else json.dumps(body, indent=1).encode()
@@ -201,8 +202,12 @@ class _Handler(BaseHTTPRequestHandler):
         if data:
             self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+        try:
+            self.end_headers()
+            if data:
+                self.wfile.write(data)
+        except OSError as exc:  # the client went away: nothing left to tell it
+            log.debug("API reply to a client that left: %s", exc)
 
 
 # ---------------------------------------------------------------------------------------------

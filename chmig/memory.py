@@ -1,0 +1,347 @@
+"""Guest RAM: zones backed by memfds (shared) or anonymous memory, laid out like Cloud Hypervisor.
+
+Layout (x86-64, as Cloud Hypervisor's memory manager does it): zones are placed
+one after another in guest-physical space starting at 0; RAM never overlaps the
+32-bit hole, so a zone that would cross 3 GiB continues at 4 GiB.  Every
+contiguous piece is one KVM slot, recorded as a ``guest_ram_mappings`` entry
+(``slot``, ``gpa``, ``size``, ``zone_id``, ``virtio_mem``, ``file_offset``) — the
+record the migration Config and the offload daemon rely on.
+
+Shared zones are memfds mapped ``MAP_SHARED``: local migration hands the fd to
+the destination, and the offload daemon reads it.  Private zones are anonymous
+``MAP_PRIVATE`` memory.
+
+Python never copies guest memory on the data path: callers take a
+``memoryview`` of the mapping (:meth:`GuestMemory.view`) and hand it to
+``sendall``/``recv_into``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import errno
+import logging
+import mmap
+import os
+import re
+from dataclasses import asdict, dataclass
+from typing import Iterable, Iterator
+
+from .errors import MigrationError, UsageError, VmError
+from .protocol import GiB, MemoryRange, MemoryRangeTable, MiB, PAGE_SIZE
+
+log = logging.getLogger(__name__)
+
+#: RAM below the 32-bit hole ends here (Cloud Hypervisor's ``MEM_32BIT_RESERVED_START``).
+LOW_RAM_END = 3 * GiB
+#: RAM above the hole starts here (``RAM_64BIT_START``).
+HIGH_RAM_START = 4 * GiB
+#: The smallest VM: the guest program's own area is the first MiB.
+MIN_RAM = 2 * MiB
+#: The largest guest-physical address the guest's page tables can map (64 GiB).
+MAX_GUEST_PHYS = 64 * GiB
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+_libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+MADV_POPULATE_WRITE = 23
+
+
+def parse_size(text: str) -> int:
+    """``512M``, ``1G``, ``4096``, ``2K`` → bytes (Cloud Hypervisor's suffixes)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip()
+    try:
+        if text and text[-1].upper() in units:
+            return int(text[:-1]) * units[text[-1].upper()]
+        return int(text)
+    except ValueError:
+        raise UsageError(f"invalid size {text!r} (use e.g. 512M, 1G)") from None
+
+
+@dataclass(frozen=True)
+class ZoneConfig:
+    """One ``--memory`` or ``--memory-zone`` option."""
+
+    id: str
+    size: int
+    shared: bool = True
+
+
+@dataclass(frozen=True)
+class GuestRamMapping:
+    """Cloud Hypervisor's ``GuestRamMapping``: one KVM slot of one zone."""
+
+    slot: int
+    gpa: int
+    size: int
+    zone_id: str
+    virtio_mem: bool
+    file_offset: int
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> GuestRamMapping:
+        try:
+            return cls(
+                slot=int(data["slot"]),
+                gpa=int(data["gpa"]),
+                size=int(data["size"]),
+                zone_id=str(data["zone_id"]),
+                virtio_mem=bool(data.get("virtio_mem", False)),
+                file_offset=int(data.get("file_offset", 0)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MigrationError(f"malformed guest_ram_mappings entry {data!r}: {exc}", where="Config") from None
+
+
+def layout(zones: Iterable[ZoneConfig]) -> list[GuestRamMapping]:
+    """Place zones in guest-physical space, splitting around the 32-bit hole."""
+    mappings: list[GuestRamMapping] = []
+    gpa = 0
+    for zone in zones:
+        offset = 0
+        while offset < zone.size:
+            if gpa == LOW_RAM_END:
+                gpa = HIGH_RAM_START
+            limit = LOW_RAM_END if gpa < LOW_RAM_END else MAX_GUEST_PHYS
+            size = min(zone.size - offset, limit - gpa)
+            if size <= 0:
+                raise UsageError(f"guest RAM exceeds the largest supported address {MAX_GUEST_PHYS:#x}")
+            mappings.append(GuestRamMapping(len(mappings), gpa, size, zone.id, False, offset))
+            gpa += size
+            offset += size
+    return mappings
+
+
+def validate_layout(zones: list[ZoneConfig], mappings: list[GuestRamMapping]) -> None:
+    """Check a layout that came from a peer before anything is allocated."""
+    sizes = {z.id: z.size for z in zones}
+    if len(sizes) != len(zones):
+        raise MigrationError("duplicate memory zone ids", where="Config")
+    total = sum(sizes.values())
+    if not zones or total < MIN_RAM or total > MAX_GUEST_PHYS:
+        raise MigrationError(f"guest RAM of {total} bytes is outside {MIN_RAM}..{MAX_GUEST_PHYS}", where="Config")
+    seen_slots = set()
+    spans = []
+    for m in mappings:
+        if m.zone_id not in sizes:
+            raise MigrationError(f"slot {m.slot} names unknown zone {m.zone_id!r}", where="Config")
+        if m.slot in seen_slots or not 0 <= m.slot < 512:
+            raise MigrationError(f"bad or duplicate slot number {m.slot}", where="Config")
+        seen_slots.add(m.slot)
+        if m.size <= 0 or m.gpa % PAGE_SIZE or m.size % PAGE_SIZE or m.file_offset % PAGE_SIZE:
+            raise MigrationError(f"slot {m.slot} is empty or not page aligned", where="Config")
+        if m.file_offset < 0 or m.file_offset + m.size > sizes[m.zone_id]:
+            raise MigrationError(f"slot {m.slot} lies outside zone {m.zone_id!r}", where="Config")
+        if m.gpa + m.size > MAX_GUEST_PHYS:
+            raise MigrationError(f"slot {m.slot} lies above {MAX_GUEST_PHYS:#x}", where="Config")
+        spans.append((m.gpa, m.gpa + m.size))
+    spans.sort()
+    for (_, end), (start, _) in zip(spans, spans[1:]):
+        if start < end:
+            raise MigrationError("guest RAM slots overlap", where="Config")
+    if sum(m.size for m in mappings) != total:
+        raise MigrationError("guest RAM slots do not cover the zones exactly", where="Config")
+
+
+class Zone:
+    """One zone's backing: a memfd (shared) or anonymous memory, mapped whole."""
+
+    def __init__(self, config: ZoneConfig, fd: int | None = None) -> None:
+        self.config = config
+        self.fd = -1
+        if config.shared:
+            if fd is None:
+                fd = os.memfd_create(f"chmig-{config.id}", os.MFD_CLOEXEC)
+                os.ftruncate(fd, config.size)
+            elif os.fstat(fd).st_size < config.size:
+                raise MigrationError(
+                    f"memory fd for zone {config.id!r} has {os.fstat(fd).st_size} bytes, needs {config.size}",
+                    where="MemoryFd",
+                )
+            self.fd = fd
+            self.map = mmap.mmap(fd, config.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        else:
+            self.map = mmap.mmap(-1, config.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+
+    def close(self) -> None:
+        try:
+            self.map.close()
+        except BufferError:
+            log.warning("zone %s still has exported views; leaving it mapped", self.config.id)
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@dataclass
+class Region:
+    """One slot as the VMM sees it: where it is for the guest and for us."""
+
+    mapping: GuestRamMapping
+    zone: Zone
+
+    @property
+    def gpa(self) -> int:
+        return self.mapping.gpa
+
+    @property
+    def size(self) -> int:
+        return self.mapping.size
+
+    @property
+    def end(self) -> int:
+        return self.mapping.gpa + self.mapping.size
+
+    @property
+    def host_address(self) -> int:
+        return self.zone.address + self.mapping.file_offset
+
+
+class GuestMemory:
+    """All guest RAM: zones, their slots, and bounds-checked access by guest-physical address."""
+
+    def __init__(self, zones: list[Zone], mappings: list[GuestRamMapping]) -> None:
+        self.zones = {z.config.id: z for z in zones}
+        self.regions = sorted((Region(m, self.zones[m.zone_id]) for m in mappings), key=lambda r: r.gpa)
+
+    @classmethod
+    def create(cls, zone_configs: list[ZoneConfig], fds: dict[str, int] | None = None) -> GuestMemory:
+        """Allocate (or, with ``fds`` by zone id, adopt) the backing of every zone."""
+        mappings = layout(zone_configs)
+        validate_layout(zone_configs, mappings)
+        return cls.adopt(zone_configs, mappings, fds or {})
+
+    @classmethod
+    def adopt(cls, zone_configs: list[ZoneConfig], mappings: list[GuestRamMapping], fds: dict[str, int]) -> GuestMemory:
+        zones: list[Zone] = []
+        try:
+            for config in zone_configs:
+                zones.append(Zone(config, fds.get(config.id)))
+        except BaseException:
+            for zone in zones:
+                zone.close()
+            raise
+        return cls(zones, mappings)
+
+    @property
+    def mappings(self) -> list[GuestRamMapping]:
+        return [r.mapping for r in self.regions]
+
+    @property
+    def total_size(self) -> int:
+        return sum(r.size for r in self.regions)
+
+    @property
+    def shared(self) -> bool:
+        return all(z.config.shared for z in self.zones.values())
+
+    def ram_ranges(self) -> list[tuple[int, int]]:
+        return [(r.gpa, r.size) for r in self.regions]
+
+    def region_of(self, gpa: int, length: int) -> Region:
+        """The slot holding ``[gpa, gpa+length)`` whole, or a clear error — never a write outside RAM."""
+        for region in self.regions:
+            if region.gpa <= gpa < region.end:
+                if gpa + length > region.end:
+                    break
+                return region
+        raise MigrationError(f"range {gpa:#x}+{length:#x} is not inside guest RAM", where="guest memory")
+
+    def check_range(self, rng: MemoryRange) -> None:
+        self.region_of(rng.gpa, rng.length)
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        """A writable view of guest memory (no copy); the caller must release it."""
+        region = self.region_of(gpa, length)
+        start = region.mapping.file_offset + gpa - region.gpa
+        return memoryview(region.zone.map)[start : start + length]
+
+    def split(self, rng: MemoryRange) -> Iterator[tuple[int, int]]:
+        """Cut a range at slot boundaries (a sender's range may span two adjacent slots)."""
+        gpa, end = rng.gpa, rng.end
+        while gpa < end:
+            region = self.region_of(gpa, 1)
+            stop = min(end, region.end)
+            yield gpa, stop - gpa
+            gpa = stop
+
+    def read(self, gpa: int, length: int) -> bytes:
+        with self.view(gpa, length) as v:
+            return bytes(v)
+
+    def write(self, gpa: int, data: bytes) -> None:
+        with self.view(gpa, len(data)) as v:
+            v[:] = data
+
+    def populated_table(self) -> MemoryRangeTable:
+        """Every page that was ever written: iteration 0 sends only these.
+
+        memfds: ``SEEK_DATA``/``SEEK_HOLE`` skip the holes.  Anonymous memory:
+        ``mincore`` tells which pages are resident (never-touched pages read as zero).
+        """
+        table = MemoryRangeTable()
+        for region in self.regions:
+            if region.zone.fd >= 0:
+                spans = _data_spans(region.zone.fd, region.mapping.file_offset, region.size)
+            else:
+                spans = _resident_spans(region.host_address, region.size)
+            for offset, length in spans:
+                table.append(MemoryRange(region.gpa + offset, length))
+        return table
+
+    def populate(self) -> None:
+        """Fault in every page now (``MADV_POPULATE_WRITE``), so receiving is not bound by first touch."""
+        for zone in self.zones.values():
+            if _libc.madvise(zone.address, zone.config.size, MADV_POPULATE_WRITE) != 0:
+                err = ctypes.get_errno()
+                log.debug("MADV_POPULATE_WRITE failed on zone %s: %s", zone.config.id, os.strerror(err))
+
+    def fd_of_slot(self, slot: int) -> int:
+        for region in self.regions:
+            if region.mapping.slot == slot:
+                return region.zone.fd
+        raise VmError(f"no slot {slot}")
+
+    def close(self) -> None:
+        for zone in self.zones.values():
+            zone.close()
+
+
+def _data_spans(fd: int, offset: int, size: int) -> list[tuple[int, int]]:
+    """The non-hole parts of ``fd[offset:offset+size]``, relative to ``offset``."""
+    spans = []
+    pos, end = offset, offset + size
+    while pos < end:
+        try:
+            data = os.lseek(fd, pos, os.SEEK_DATA)
+        except OSError as exc:
+            if exc.errno == errno.ENXIO:  # no data after pos
+                break
+            raise
+        if data >= end:
+            break
+        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
+        spans.append((data - offset, hole - data))
+        pos = hole
+    return spans
+
+
+def _resident_spans(address: int, size: int) -> list[tuple[int, int]]:
+    pages = size // PAGE_SIZE
+    vec = ctypes.create_string_buffer(pages)
+    if _libc.mincore(address, size, vec) != 0:
+        log.debug("mincore failed (%s): sending all pages", os.strerror(ctypes.get_errno()))
+        return [(0, size)]
+    # mincore gives one byte per page, bit 0 = resident; runs of resident pages become spans.
+    resident = vec.raw.translate(_LOW_BIT)
+    return [(m.start() * PAGE_SIZE, (m.end() - m.start()) * PAGE_SIZE) for m in re.finditer(rb"\x01+", resident)]
+
+
+_LOW_BIT = bytes(b & 1 for b in range(256))
