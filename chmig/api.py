@@ -64,7 +64,10 @@ def _fields(body: dict, allowed: dict[str, type | tuple[type, ...]], required: t
         if name not in body:
             raise ApiError(400, f"missing field {name!r}")
     for name, value in body.items():
-        if value is not None and not isinstance(value, allowed[name]) or isinstance(value, bool) and allowed[name] is int:
+        expected = allowed[name]
+        # JSON true/false are Python bools, which are ints too: never accept them as numbers.
+        wrong = not isinstance(value, expected) or (expected is int and isinstance(value, bool))
+        if value is not None and wrong:
             raise ApiError(400, f"field {name!r} has the wrong type ({type(value).__name__})")
     return body
 
@@ -92,6 +95,14 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
     daemon_threads = True
     allow_reuse_address = True
+    _requests = 0
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        """One named thread per request (the stdlib's own is anonymous)."""
+        self._requests += 1
+        thread = threading.Thread(target=self.process_request_thread, args=(request, client_address),
+                                  name=f"api-request-{self._requests}", daemon=True)
+        thread.start()
 
     def __init__(self, path: str, vmm: Vmm) -> None:
         if os.path.exists(path):

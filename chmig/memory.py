@@ -296,12 +296,24 @@ class GuestMemory:
                 table.append(MemoryRange(region.gpa + offset, length))
         return table
 
-    def populate(self) -> None:
-        """Fault in every page now (``MADV_POPULATE_WRITE``), so receiving is not bound by first touch."""
+    def populate(self) -> bool:
+        """Fault in every page now (``MADV_POPULATE_WRITE``), so receiving is not bound by first touch.
+
+        Skipped (returns False) when the RAM would take more than half of the
+        host's available memory: the size came from a peer, and committing it
+        must not push the host into the OOM killer.
+        """
+        available = _mem_available()
+        if available is not None and self.total_size > available // 2:
+            log.info("not populating %d MiB of guest RAM: only %d MiB available", self.total_size >> 20,
+                     available >> 20)
+            return False
         for zone in self.zones.values():
             if _libc.madvise(zone.address, zone.config.size, MADV_POPULATE_WRITE) != 0:
                 err = ctypes.get_errno()
                 log.debug("MADV_POPULATE_WRITE failed on zone %s: %s", zone.config.id, os.strerror(err))
+                return False
+        return True
 
     def fd_of_slot(self, slot: int) -> int:
         for region in self.regions:
@@ -312,6 +324,17 @@ class GuestMemory:
     def close(self) -> None:
         for zone in self.zones.values():
             zone.close()
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def _data_spans(fd: int, offset: int, size: int) -> list[tuple[int, int]]:

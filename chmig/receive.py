@@ -18,7 +18,6 @@ import argparse
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from dataclasses import dataclass, field

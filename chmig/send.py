@@ -275,7 +275,7 @@ class Sender:
 
     def _precopy(self) -> None:
         """Iterations while the VM runs, then the paused final iteration (``do_memory_migration``)."""
-        vm, options, stats = self.vm, self.options, self.stats
+        vm = self.vm
         assert self.memory_sender is not None
         vm.start_dirty_log()
         bandwidth = 0.0  # bytes per second, of the last iteration
@@ -306,6 +306,8 @@ class Sender:
         final.extend(remaining)
         vm.stop_dirty_log()
         self.memory_sender.send(final)
+        # Close the workers now: the destination waits for them to end before it restores State.
+        self.memory_sender.close()
         duration = time.monotonic() - final_begin
         self.stats.final_iteration_ms = round(duration * 1000, 3)
         self._record(number, final, duration, final.total_bytes / max(duration, 1e-6), 0.0,

@@ -15,7 +15,6 @@ and rebuilt in another process from that document plus the memory
 from __future__ import annotations
 
 import logging
-import os
 import signal
 import sys
 import threading

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from .api import ApiServer
 
 from . import __version__
-from .errors import MigrationError, UsageError, VmError
+from .errors import UsageError, VmError
 from .memory import GuestMemory
 from .stats import MigrationStats
 from .vm import Serial, Vm, VmConfig, VmState

@@ -13,7 +13,6 @@ import mmap
 import os
 import shutil
 import socket
-import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator

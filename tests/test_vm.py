@@ -16,7 +16,7 @@ import pytest
 from chmig import guest
 from chmig.api import ApiError
 from chmig.errors import UsageError, VmError
-from chmig.memory import GuestMemory, ZoneConfig
+from chmig.memory import GuestMemory
 from chmig.vm import Serial, Vm, VmConfig
 
 from .conftest import Processes, requires_kvm
