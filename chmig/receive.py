@@ -207,7 +207,11 @@ class Receiver:
         try:
             request = p.Request.decode(header)
             self.machine.begin(request)
-            STEPS[request.command](self, conn, request)
+            try:
+                STEPS[request.command](self, conn, request)
+            except (OSError, ValueError, TypeError, KeyError) as exc:
+                # e.g. a MemoryFd that cannot be mapped: still one clear error, never a crash
+                raise MigrationError(f"{exc!r}", where=request.command.wire_name) from exc
             self.machine.commit()
         except ChmigError as exc:
             self.machine.fail()

@@ -234,3 +234,39 @@ def test_receive_process_exits_with_one_clear_line(tmp_path: Path) -> None:
     assert proc.returncode == 1
     assert err.strip().splitlines()[-1].startswith("chmig receive: error:"), err
     assert "can't handle command Config in receive state Established" in err
+
+
+def test_memory_fd_that_cannot_be_mapped(tmp_path: Path) -> None:
+    """A read-only file as guest memory: Error and a clear message, no crash."""
+    import os
+
+    listener = listen(parse_url(f"unix:{tmp_path}/in.sock"))
+    receiver = Receiver(listener)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            receiver.run(accept_timeout=20)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="receiver-under-test")
+    thread.start()
+    readonly = tmp_path / "ram"
+    readonly.write_bytes(bytes(RAM))
+    fd = os.open(readonly, os.O_RDONLY)
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(f"{tmp_path}/in.sock")
+    sock.sendall(p.Request.start().encode())
+    assert p.Response.decode(sock.recv(16)).is_ok
+    sock.sendall(p.Request.memory_fd().encode())
+    socket.send_fds(sock, [p.encode_memory_fd_slot(0)], [fd])
+    assert p.Response.decode(sock.recv(16)).is_ok
+    payload = config_payload()
+    sock.sendall(p.Request.config(len(payload)).encode() + payload)
+    assert p.Response.decode(sock.recv(16)).status is p.Status.ERROR
+    sock.close()
+    os.close(fd)
+    thread.join(20)
+    listener.close()
+    assert errors and isinstance(errors[0], ChmigError) and "Config" in str(errors[0]), errors
