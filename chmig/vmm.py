@@ -135,7 +135,9 @@ class Vmm:
 
         with self.lock:
             self._require_idle("send a migration")
-            self.require_vm()
+            vm = self.require_vm()
+            if vm.state not in (VmState.RUNNING, VmState.PAUSED):
+                raise VmError(f"cannot migrate a VM that is {vm.state}")
             self.busy = "send-migration"
         try:
             return send.send_migration(self, send.SendOptions.from_api(options)).to_json()
