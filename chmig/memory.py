@@ -315,6 +315,20 @@ class GuestMemory:
                 return False
         return True
 
+    def populate_range(self, gpa: int, length: int) -> None:
+        """Fault in ``[gpa, gpa+length)`` with one ``MADV_POPULATE_WRITE`` before data lands there.
+
+        Receiving into never-touched memory is bound by one page fault per page;
+        populating the range first batches those faults (measured in
+        bench/precopy.py), and doing it per range spreads the work over every
+        receiving connection.  Already-present pages cost next to nothing.
+        """
+        region = self.region_of(gpa, length)
+        address = region.host_address + gpa - region.gpa
+        start = address & ~(PAGE_SIZE - 1)
+        if _libc.madvise(start, address + length - start, MADV_POPULATE_WRITE) != 0:
+            log.debug("MADV_POPULATE_WRITE failed at gpa %#x: %s", gpa, os.strerror(ctypes.get_errno()))
+
     def fd_of_slot(self, slot: int) -> int:
         for region in self.regions:
             if region.mapping.slot == slot:

@@ -41,7 +41,7 @@ class ReceiveOptions:
     receiver_url: str
     tls_dir: str | None = None
     memory_mode: str = "precopy"
-    #: Fault in all destination RAM before memory arrives (see bench/precopy.py).
+    #: Fault in each range with MADV_POPULATE_WRITE just before its data arrives (see bench/precopy.py).
     populate: bool = True
 
     @classmethod
@@ -62,8 +62,10 @@ class ReceiveOptions:
 class AdditionalConnections:
     """The accept thread and one thread per worker connection (``ReceiveAdditionalConnections``)."""
 
-    def __init__(self, listener: Listener, memory: GuestMemory, limits: p.Limits, stats: MigrationStats) -> None:
+    def __init__(self, listener: Listener, memory: GuestMemory, limits: p.Limits, stats: MigrationStats,
+                 populate: bool = True) -> None:
         self.listener = listener
+        self.populate = populate
         self.memory = memory
         self.limits = limits
         self.stats = stats
@@ -103,6 +105,7 @@ class AdditionalConnections:
             if role is not p.ConnectionRole.PRECOPY_MEMORY:
                 raise ProtocolError(f"connection role {role.name} is not supported here", where=conn.peer)
             conn.set_timeout(None)
+            conn.set_nodelay()
             speaks_requests = True
             while True:
                 try:
@@ -116,7 +119,7 @@ class AdditionalConnections:
                         where=conn.peer,
                     )
                 p.check_request_length(request, self.limits)
-                received = receive_memory(conn, self.memory, request)
+                received = receive_memory(conn, self.memory, request, self.populate)
                 with self._lock:
                     self.stats.total_bytes += received
                 conn.write_all(p.Response.ok().encode())
@@ -176,6 +179,8 @@ class Receiver:
         """Accept the main connection and follow the protocol to Completed."""
         self.stats.url = str(self.listener.address)
         conn = self.listener.accept(timeout=accept_timeout)
+        # Small requests and responses must not wait for Nagle and delayed ACKs (44 ms a time here).
+        conn.set_nodelay()
         log.info("incoming migration from %s", conn.peer)
         self.stats._begin = time.monotonic()
         try:
@@ -260,12 +265,10 @@ class Receiver:
         memory = GuestMemory.adopt(config.zones, mappings, fds_by_zone)
         self.memory_fds.clear()  # now owned by the zones
         self.memory = memory
-        if self.populate and not fds_by_zone:
-            memory.populate()
         self.vm = Vm(config, memory, Serial(self.serial_spec), cpuid=cpuid)
         self.stats.mode = "local" if fds_by_zone else "precopy"
         # Like Cloud Hypervisor, accept workers even if the sender may use only the main connection.
-        self.connections = AdditionalConnections(self.listener, memory, self.limits, self.stats)
+        self.connections = AdditionalConnections(self.listener, memory, self.limits, self.stats, self.populate)
 
     def _zone_fds(self, config: VmConfig, mappings: list[GuestRamMapping]) -> dict[str, int]:
         """Match MemoryFds (by slot) to zones: every slot of a shared zone needs one, and one file."""
@@ -294,7 +297,7 @@ class Receiver:
     def on_memory(self, conn: Connection, request: p.Request) -> None:
         """Protocol step *Memory* on the main connection (single-connection precopy)."""
         assert self.memory is not None
-        self.stats.total_bytes += receive_memory(conn, self.memory, request)
+        self.stats.total_bytes += receive_memory(conn, self.memory, request, self.populate)
 
     def on_state(self, conn: Connection, request: p.Request) -> None:
         """Protocol step *State*: every worker is done; restore vCPUs and devices, VM paused."""

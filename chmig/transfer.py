@@ -48,7 +48,7 @@ def send_memory(conn: Connection, memory: GuestMemory, table: p.MemoryRangeTable
     return table.total_bytes
 
 
-def receive_memory(conn: Connection, memory: GuestMemory, request: p.Request) -> int:
+def receive_memory(conn: Connection, memory: GuestMemory, request: p.Request, populate: bool = True) -> int:
     """Protocol step *Memory* (receiver): read the table, check it, receive the bytes in place.
 
     The request's length has already been checked against the limits.  Every
@@ -65,6 +65,8 @@ def receive_memory(conn: Connection, memory: GuestMemory, request: p.Request) ->
         except Exception as exc:
             raise ProtocolError(f"range {rng.gpa:#x}+{rng.length:#x} is not inside guest RAM", where="Memory") from exc
     for gpa, length in pieces:
+        if populate:
+            memory.populate_range(gpa, length)
         with memory.view(gpa, length) as view:
             conn.read_exact_into(view, what=f"memory at {gpa:#x}")
     return table.total_bytes
