@@ -592,9 +592,8 @@ def report_downtime(raw: Raw, results: dict, replays: dict) -> None:
             "(header+table in one write, one sendall per range, then the 16-byte Ok), with TCP_NODELAY and with "
             "the default (Nagle); median of 5.",
             "dirtied MiB/s = final-iteration bytes / duration of the live iterations' transfers, an upper bound "
-            "(the dirty window also holds the dirty-log start and the table scans); chmig's own statistics record "
-            "dirty_rate_mib_s 0 for iteration 0 and for the final iteration, so with 2 iterations they never show "
-            "it.",
+            "(the dirty window also holds the dirty-log start and the table scans); chmig's own statistics give "
+            "dirty_rate_mib_s per iteration from iteration 1 on, the final one included.",
             "final iter ms = pause -> dirty log read -> dirty logging off -> final Memory request acknowledged; "
             "downtime adds State capture/send and Complete.",
         ],
