@@ -112,10 +112,8 @@ class Vmm:
     def shutdown_vm(self) -> None:
         with self.lock:
             self._require_idle("shut down")
-            vm = self.require_vm()
-            vm.close()
-            vm.memory.close()
-            self.vm = None
+            self.require_vm()
+            self._drop_vm()
 
     def shutdown_vmm(self) -> None:
         self.exit_after_reply = True
@@ -123,10 +121,7 @@ class Vmm:
     def retire_vm(self) -> None:
         """The VM now lives elsewhere: drop it here, and end the process once the API has replied."""
         with self.lock:
-            if self.vm is not None:
-                self.vm.close()
-                self.vm.memory.close()
-                self.vm = None
+            self._drop_vm()
             self.exit_after_reply = True
 
     def send_migration(self, options: dict) -> dict:
@@ -159,12 +154,16 @@ class Vmm:
 
     # -- the end ---------------------------------------------------------------------------------
 
+    def _drop_vm(self) -> None:
+        """Stop the VM and release its KVM fds and memory."""
+        if self.vm is not None:
+            self.vm.close()
+            self.vm.memory.close()
+            self.vm = None
+
     def close(self) -> None:
         with self.lock:
-            if self.vm is not None:
-                self.vm.close()
-                self.vm.memory.close()
-                self.vm = None
+            self._drop_vm()
 
 
 def install_exit_signals(vmm: Vmm) -> None:
