@@ -60,7 +60,7 @@ import logging
 import mmap
 import os
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, Self
 
 import cffi
 
@@ -850,7 +850,24 @@ def _struct_from_bytes(ctype: str, data: Any, what: str, where: str) -> Any:
 # --------------------------------------------------------------------------
 
 
-class Kvm:
+class _OwnedFd:
+    """A KVM file descriptor this object owns: ``close()`` is idempotent, ``with`` closes it."""
+
+    fd: int
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Kvm(_OwnedFd):
     """The KVM subsystem, reached through ``/dev/kvm``."""
 
     def __init__(self, path: str = "/dev/kvm") -> None:
@@ -940,17 +957,7 @@ class Kvm:
         os.set_inheritable(vm_fd, False)
         return VmFd(vm_fd, self.vcpu_mmap_size())
 
-    def close(self) -> None:
-        """Close ``/dev/kvm`` (VMs created from it stay alive)."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Kvm:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    # close() (inherited): VMs created from /dev/kvm stay alive after it is closed.
 
 
 def _cpuid_entry_to_dict(entry: Any) -> dict[str, int]:
@@ -970,7 +977,7 @@ def _cpuid_entry_to_dict(entry: Any) -> dict[str, int]:
 # --------------------------------------------------------------------------
 
 
-class VmFd:
+class VmFd(_OwnedFd):
     """One KVM virtual machine (the fd returned by ``KVM_CREATE_VM``)."""
 
     def __init__(self, fd: int, vcpu_mmap_size: int) -> None:
@@ -1094,17 +1101,7 @@ class VmFd:
             os.close(vcpu_fd)
             raise
 
-    def close(self) -> None:
-        """Close the VM fd.  vCPUs keep the VM alive in the kernel until they are closed."""
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> VmFd:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+    # close() (inherited): vCPUs keep the VM alive in the kernel until they are closed.
 
 
 # --------------------------------------------------------------------------
@@ -1112,7 +1109,7 @@ class VmFd:
 # --------------------------------------------------------------------------
 
 
-class Vcpu:
+class Vcpu(_OwnedFd):
     """One virtual CPU: ``KVM_RUN`` plus its architectural state.
 
     ``run_struct`` is a cffi ``struct kvm_run *`` pointing into the shared
@@ -1653,12 +1650,4 @@ class Vcpu:
                 # goes away when the last view is dropped.
                 logger.debug("vcpu %d: kvm_run views still alive, unmapping later", self.index)
             self._mmap = None
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-
-    def __enter__(self) -> Vcpu:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        super().close()

@@ -18,6 +18,7 @@ from typing import Callable
 
 from . import protocol as p
 from .errors import ChmigError, MigrationError
+from .transfer import expect_ok
 from .transport import Connection, connect, listen, parse_url
 
 log = logging.getLogger(__name__)
@@ -76,13 +77,6 @@ def _receive(conn: Connection, memory: bytearray, trace: Trace) -> dict:
     return received
 
 
-def _expect_ok(conn: Connection, trace: Trace, step: str) -> None:
-    raw = conn.read_exact(p.HEADER_SIZE, what=f"response to {step}")
-    response = p.Response.decode(raw)
-    if not response.is_ok:
-        raise MigrationError(f"destination answered {response.status.name}", where=step)
-
-
 def _send(conn: Connection, memory: bytes, trace: Trace) -> None:
     """The source: the remote-migration flow with one Memory iteration."""
 
@@ -91,21 +85,21 @@ def _send(conn: Connection, memory: bytes, trace: Trace) -> None:
         conn.write_all(req.encode() + payload)
 
     request(p.Request.start(), note=f"(protocol version {p.PROTOCOL_VERSION})")
-    _expect_ok(conn, trace, "Start")
+    expect_ok(conn, "Start")
     config = json.dumps({"vm_config": {"memory": {"size": len(memory)}}, "memory_manager_data": {}}).encode()
     request(p.Request.config(len(config)), config, f"({len(config)} bytes of JSON)")
-    _expect_ok(conn, trace, "Config")
+    expect_ok(conn, "Config")
     table = p.MemoryRangeTable([p.MemoryRange(0x1000, 0x3000), p.MemoryRange(0x200000, 0x100000)])
     request(p.Request.memory(table.byte_length), table.encode(), f"({len(table)} ranges, {table.total_bytes} bytes)")
     view = memoryview(memory)
     for rng in table:
         conn.write_all(view[rng.gpa : rng.end])
-    _expect_ok(conn, trace, "Memory")
+    expect_ok(conn, "Memory")
     state = json.dumps({"vcpus": [{"rip": 0x80000}]}).encode()
     request(p.Request.state(len(state)), state, f"({len(state)} bytes of JSON)")
-    _expect_ok(conn, trace, "State")
+    expect_ok(conn, "State")
     request(p.Request.complete())
-    _expect_ok(conn, trace, "Complete")
+    expect_ok(conn, "Complete")
 
 
 def run(url: str = "tcp:127.0.0.1:0", emit: Callable[[str], None] = print) -> bool:

@@ -422,8 +422,6 @@ rewrite_pass:
         jz      .Lrw_done
         test    r12, r12
         jz      .Lrw_done
-        sub     rsp, 16                         /* [rsp] = pages since last pace */
-        mov     qword ptr [rsp], 0
         mov     rax, r15
         imul    rax, r12
         xor     edx, edx
@@ -433,68 +431,61 @@ rewrite_pass:
         mov     rcx, STAMP_MULTIPLIER
         imul    rax, rcx
         mov     r8, rax                         /* r8 = key of generation R+1 */
-        xor     ebp, ebp
-        lea     r10, [rbx + ST_RANGES]
-        mov     r11, [rbx + ST_NRANGES]
-.Lrw_range:
-        test    r11, r11
-        jz      .Lrw_flush
-        mov     rsi, [r10]
-        mov     r9, [r10 + 8]
-.Lrw_page:
-        cmp     rsi, r9
-        jae     .Lrw_next_range
-        mov     rax, rbp                        /* d = (i - s) mod N */
-        sub     rax, rdi
-        jae     .Lrw_in_order
-        add     rax, r13
-.Lrw_in_order:
-        cmp     rax, r12
-        jae     .Lrw_skip                       /* outside the window */
-        call    stamp_page
-        call    pace_page
-.Lrw_skip:
-        add     rsi, PAGE_SIZE
-        inc     rbp
-        jmp     .Lrw_page
-.Lrw_next_range:
-        add     r10, 16
-        dec     r11
-        jmp     .Lrw_range
-.Lrw_flush:
-        call    pace_flush
-        add     rsp, 16
+        jmp     stamp_window                    /* its ret returns to our caller */
 .Lrw_done:
         ret
 
 /*
  * stamp_all_generation0: first boot; every owned page gets the stamp of
- * generation 0 (each word holds its own address).  Paced like a rewrite.
- * Clobbers rax, rcx, rdx, rsi, r8-r11, xmm0-xmm11.
+ * generation 0 (each word holds its own address): the window starting at
+ * 0 that is N pages wide.  Paced like a rewrite.
+ * Clobbers rax, rcx, rdx, rsi, rdi, r8-r13, rbp, xmm0-xmm11.
  */
 stamp_all_generation0:
-        sub     rsp, 16
-        mov     qword ptr [rsp], 0
+        mov     r13, [rbx + ST_NPAGES]
+        mov     r12, r13                        /* W = N: every page */
+        xor     edi, edi                        /* s = 0 */
         xor     r8d, r8d                        /* key of generation 0 */
+        /* fall through */
+
+/*
+ * stamp_window: the one walk over this vCPU's pages that writes stamps.
+ * Stamps key r8 on every local index i with (i - s) mod N < W, where
+ * rdi = s, r12 = W, r13 = N; pace_page/pace_flush pace the writes.
+ * Clobbers rax, rcx, rdx, rsi, r8-r11, rbp, xmm0-xmm11.
+ */
+stamp_window:
+        sub     rsp, 16                         /* [rsp] = pages since last pace */
+        mov     qword ptr [rsp], 0
+        xor     ebp, ebp
         lea     r10, [rbx + ST_RANGES]
         mov     r11, [rbx + ST_NRANGES]
-.Ls0_range:
+.Lsw_range:
         test    r11, r11
-        jz      .Ls0_flush
+        jz      .Lsw_flush
         mov     rsi, [r10]
         mov     r9, [r10 + 8]
-.Ls0_page:
+.Lsw_page:
         cmp     rsi, r9
-        jae     .Ls0_next_range
+        jae     .Lsw_next_range
+        mov     rax, rbp                        /* d = (i - s) mod N */
+        sub     rax, rdi
+        jae     .Lsw_in_order
+        add     rax, r13
+.Lsw_in_order:
+        cmp     rax, r12
+        jae     .Lsw_skip                       /* outside the window */
         call    stamp_page
         call    pace_page
+.Lsw_skip:
         add     rsi, PAGE_SIZE
-        jmp     .Ls0_page
-.Ls0_next_range:
+        inc     rbp
+        jmp     .Lsw_page
+.Lsw_next_range:
         add     r10, 16
         dec     r11
-        jmp     .Ls0_range
-.Ls0_flush:
+        jmp     .Lsw_range
+.Lsw_flush:
         call    pace_flush
         add     rsp, 16
         ret
