@@ -36,6 +36,8 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ChmigError, UsageError, VmError
+from .options import parse_typed
+from .receive import ReceiveOptions
 
 if TYPE_CHECKING:
     from .vmm import Vmm
@@ -88,6 +90,11 @@ RECEIVE_MIGRATION_FIELDS: dict[str, type | tuple[type, ...]] = {
     "tls_dir": str,
     "memory_mode": str,
 }
+
+
+def _no_content(result: object) -> None:
+    """Cloud Hypervisor answers this action with 204 and no body, whatever it returned."""
+    return None
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -150,9 +157,9 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             ("PUT", "vm.send-migration"): lambda body: vmm.send_migration(
                 _fields(body, SEND_MIGRATION_FIELDS, ("destination_url",))
             ),
-            ("PUT", "vm.receive-migration"): lambda body: vmm.receive_migration(
-                _fields(body, RECEIVE_MIGRATION_FIELDS, ("receiver_url",))
-            ),
+            ("PUT", "vm.receive-migration"): lambda body: _no_content(vmm.receive_migration(
+                ReceiveOptions.from_api(_fields(body, RECEIVE_MIGRATION_FIELDS, ("receiver_url",)))
+            )),
         }
 
 
@@ -262,34 +269,6 @@ def request(path: str, method: str, action: str, body: dict | None = None, timeo
     return decoded
 
 
-def _toggle(value: str, key: str) -> bool:
-    if value in ("on", "true", ""):
-        return True
-    if value in ("off", "false"):
-        return False
-    raise UsageError(f"{key}: expected on or off, got {value!r}")
-
-
-def _typed_options(text: str, fields: dict[str, type | tuple[type, ...]]) -> dict:
-    """``key=value,...`` → a JSON body with the API's types."""
-    body: dict[str, Any] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, _, value = part.partition("=")
-        if key not in fields:
-            raise UsageError(f"unknown option {key!r} (allowed: {', '.join(sorted(fields))})")
-        kind = fields[key]
-        if kind is bool:
-            body[key] = _toggle(value, key)
-        elif kind is int:
-            try:
-                body[key] = int(value)
-            except ValueError:
-                raise UsageError(f"{key} must be a whole number, got {value!r}") from None
-        else:
-            body[key] = value
-    return body
-
-
 REMOTE_ACTIONS: dict[str, tuple[str, str, dict | None]] = {
     "ping": ("GET", "vmm.ping", None),
     "info": ("GET", "vm.info", None),
@@ -309,7 +288,7 @@ def main_remote(args: argparse.Namespace) -> int:
     method, action, fields = REMOTE_ACTIONS[args.action]
     body = None
     if fields is not None:
-        body = _typed_options(args.options, fields)
+        body = parse_typed(args.options, fields, args.action)
     elif args.options:
         raise UsageError(f"{args.action} takes no options")
     result = request(args.api_socket, method, action, body)

@@ -59,7 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     remote.add_argument("options", nargs="?", default="", help="key=value[,key=value...] for the action")
 
     receive = sub.add_parser("receive", help="wait for an incoming migration and run the VM it brings")
-    receive.set_defaults(handler=_lazy("receive", "main_receive"))
+    receive.set_defaults(handler=_lazy("vmm", "main_receive"))
     receive.add_argument("--listen", required=True, metavar="URL", help="tcp:HOST:PORT or unix:PATH")
     receive.add_argument("--tls-dir", help="directory with ca-cert.pem, server-cert.pem, server-key.pem ...")
     receive.add_argument("--api-socket", help="serve the received VM's API on this UNIX socket")

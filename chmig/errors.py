@@ -9,9 +9,12 @@ line and exits non-zero, so messages are written to stand alone.
     ├── KvmError            a KVM ioctl or vCPU exit went wrong
     ├── VmError             the VM is in the wrong state or cannot be built
     ├── UffdError           userfaultfd registration or resolution failed
+    ├── StuckThreadError    a thread did not stop by its deadline (reported, never left silently)
+    ├── InternalError       a bug in chmig itself — never blamed on the peer
     └── MigrationError      anything on the migration path
         ├── ProtocolError   the peer broke the wire protocol (bad header, bad state)
         ├── TransportError  a socket, URL, TLS or fd-passing failure
+        │   └── ListenerAborted  the owner stopped a listener that was waiting in accept
         ├── PeerError       the peer answered Error
         └── ConvergenceError  precopy did not converge and the strategy is cancel
 """
@@ -44,6 +47,14 @@ class UffdError(ChmigError):
     """userfaultfd could not be set up or a fault could not be resolved."""
 
 
+class StuckThreadError(ChmigError):
+    """Threads that were told to stop were still running at their deadline."""
+
+
+class InternalError(ChmigError):
+    """Something inside chmig failed that no input should cause: a bug, reported as ours."""
+
+
 class MigrationError(ChmigError):
     """A migration failed."""
 
@@ -54,6 +65,10 @@ class ProtocolError(MigrationError):
 
 class TransportError(MigrationError):
     """A connection, URL, TLS handshake or fd transfer failed."""
+
+
+class ListenerAborted(TransportError):
+    """``accept`` returned because the listener's owner aborted it (not an error of any peer)."""
 
 
 class PeerError(MigrationError):

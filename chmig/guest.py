@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from chmig.errors import VmError
+from chmig.units import GiB, MiB, PAGE_SIZE  # noqa: F401 - part of this module's vocabulary
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,6 @@ log = logging.getLogger(__name__)
 # written by the VMM and the guest but never verified.
 # --------------------------------------------------------------------------
 
-PAGE_SIZE = 0x1000
-MiB = 1 << 20
-GiB = 1 << 30
 
 PROGRAM_AREA_END = 1 * MiB
 """Verified RAM starts here; everything below is the program area."""

@@ -65,6 +65,7 @@ from typing import Any, Self
 import cffi
 
 from chmig.errors import KvmError
+from chmig.units import PAGE_SIZE
 
 __all__ = [
     "ffi",
@@ -72,7 +73,6 @@ __all__ = [
     "VmFd",
     "Vcpu",
     "address_of",
-    "dirty_page_indices",
     "EXIT_REASON_NAMES",
     "STATE_VERSION",
 ]
@@ -686,7 +686,6 @@ MSR_CSTAR = 0xC0000083
 MSR_SYSCALL_MASK = 0xC0000084
 MSR_KERNEL_GS_BASE = 0xC0000102
 
-PAGE_SIZE = 4096
 KVM_XSAVE_SIZE = 4096  # sizeof(struct kvm_xsave): the legacy KVM_GET_XSAVE size
 
 # The kernel refuses KVM_GET/SET_MSRS with nmsrs >= MAX_IO_MSRS (256).
@@ -783,17 +782,6 @@ def address_of(buffer: Any) -> int:
         return int(ffi.cast("uintptr_t", pointer))
     finally:
         ffi.release(pointer)
-
-
-def dirty_page_indices(bitmap: bytes | bytearray | memoryview) -> list[int]:
-    """Page numbers (relative to the slot start) whose bit is set in a dirty bitmap."""
-    value = int.from_bytes(bitmap, "little")
-    pages: list[int] = []
-    while value:
-        low = value & -value
-        pages.append(low.bit_length() - 1)
-        value ^= low
-    return pages
 
 
 def _as_int(value: Any, bits: int, what: str, where: str) -> int:

@@ -28,8 +28,9 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
-from .errors import MigrationError, UsageError, VmError
-from .protocol import GiB, MemoryRange, MemoryRangeTable, MiB, PAGE_SIZE
+from .errors import UsageError, VmError
+from .protocol import MemoryRange, MemoryRangeTable
+from .units import GiB, MiB, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +96,7 @@ class GuestRamMapping:
                 file_offset=int(data.get("file_offset", 0)),
             )
         except (KeyError, TypeError, ValueError) as exc:
-            raise MigrationError(f"malformed guest_ram_mappings entry {data!r}: {exc}", where="Config") from None
+            raise VmError(f"malformed guest_ram_mappings entry {data!r}: {exc}", where="memory layout") from None
 
 
 def layout(zones: Iterable[ZoneConfig]) -> list[GuestRamMapping]:
@@ -117,57 +118,67 @@ def layout(zones: Iterable[ZoneConfig]) -> list[GuestRamMapping]:
     return mappings
 
 
-def validate_layout(zones: list[ZoneConfig], mappings: list[GuestRamMapping]) -> None:
-    """Check a layout that came from a peer before anything is allocated."""
+#: KVM slots one VM may use (Cloud Hypervisor's limit, and the MemoryFd cap of :class:`chmig.protocol.Limits`).
+MAX_SLOTS = 512
+
+
+def validate_layout(zones: list[ZoneConfig], mappings: list[GuestRamMapping], max_slots: int = MAX_SLOTS) -> None:
+    """Check a layout (maybe a peer's) before anything is allocated; raise VmError naming the flaw."""
     sizes = {z.id: z.size for z in zones}
     if len(sizes) != len(zones):
-        raise MigrationError("duplicate memory zone ids", where="Config")
+        raise VmError("duplicate memory zone ids", where="memory layout")
     total = sum(sizes.values())
     if not zones or total < MIN_RAM or total > MAX_GUEST_PHYS:
-        raise MigrationError(f"guest RAM of {total} bytes is outside {MIN_RAM}..{MAX_GUEST_PHYS}", where="Config")
+        raise VmError(f"guest RAM of {total} bytes is outside {MIN_RAM}..{MAX_GUEST_PHYS}", where="memory layout")
     seen_slots = set()
     spans = []
     for m in mappings:
         if m.zone_id not in sizes:
-            raise MigrationError(f"slot {m.slot} names unknown zone {m.zone_id!r}", where="Config")
-        if m.slot in seen_slots or not 0 <= m.slot < 512:
-            raise MigrationError(f"bad or duplicate slot number {m.slot}", where="Config")
+            raise VmError(f"slot {m.slot} names unknown zone {m.zone_id!r}", where="memory layout")
+        if m.slot in seen_slots or not 0 <= m.slot < max_slots:
+            raise VmError(f"bad or duplicate slot number {m.slot}", where="memory layout")
         seen_slots.add(m.slot)
         if m.size <= 0 or m.gpa % PAGE_SIZE or m.size % PAGE_SIZE or m.file_offset % PAGE_SIZE:
-            raise MigrationError(f"slot {m.slot} is empty or not page aligned", where="Config")
+            raise VmError(f"slot {m.slot} is empty or not page aligned", where="memory layout")
         if m.file_offset < 0 or m.file_offset + m.size > sizes[m.zone_id]:
-            raise MigrationError(f"slot {m.slot} lies outside zone {m.zone_id!r}", where="Config")
+            raise VmError(f"slot {m.slot} lies outside zone {m.zone_id!r}", where="memory layout")
         if m.gpa + m.size > MAX_GUEST_PHYS:
-            raise MigrationError(f"slot {m.slot} lies above {MAX_GUEST_PHYS:#x}", where="Config")
+            raise VmError(f"slot {m.slot} lies above {MAX_GUEST_PHYS:#x}", where="memory layout")
         spans.append((m.gpa, m.gpa + m.size))
     spans.sort()
     for (_, end), (start, _) in zip(spans, spans[1:]):
         if start < end:
-            raise MigrationError("guest RAM slots overlap", where="Config")
+            raise VmError("guest RAM slots overlap", where="memory layout")
     if sum(m.size for m in mappings) != total:
-        raise MigrationError("guest RAM slots do not cover the zones exactly", where="Config")
+        raise VmError("guest RAM slots do not cover the zones exactly", where="memory layout")
 
 
 class Zone:
     """One zone's backing: a memfd (shared) or anonymous memory, mapped whole."""
 
     def __init__(self, config: ZoneConfig, fd: int | None = None) -> None:
+        """Map ``fd`` (owned from now on, closed even if this fails) or a new memfd / anonymous memory."""
         self.config = config
         self.fd = -1
-        if config.shared:
-            if fd is None:
-                fd = os.memfd_create(f"chmig-{config.id}", os.MFD_CLOEXEC)
-                os.ftruncate(fd, config.size)
-            elif os.fstat(fd).st_size < config.size:
-                raise MigrationError(
-                    f"memory fd for zone {config.id!r} has {os.fstat(fd).st_size} bytes, needs {config.size}",
-                    where="MemoryFd",
-                )
-            self.fd = fd
-            self.map = mmap.mmap(fd, config.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-        else:
-            self.map = mmap.mmap(-1, config.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                 prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        try:
+            if config.shared:
+                if fd is None:
+                    fd = os.memfd_create(f"chmig-{config.id}", os.MFD_CLOEXEC)
+                    os.ftruncate(fd, config.size)
+                elif os.fstat(fd).st_size < config.size:
+                    raise VmError(
+                        f"memory fd for zone {config.id!r} has {os.fstat(fd).st_size} bytes, needs {config.size}",
+                        where="guest memory",
+                    )
+                self.map = mmap.mmap(fd, config.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+                self.fd = fd
+            else:
+                self.map = mmap.mmap(-1, config.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            if fd is not None:
+                os.close(fd)
+            raise
         self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
 
     def close(self) -> None:
@@ -220,13 +231,17 @@ class GuestMemory:
 
     @classmethod
     def adopt(cls, zone_configs: list[ZoneConfig], mappings: list[GuestRamMapping], fds: dict[str, int]) -> GuestMemory:
+        """Build the zones; every fd in ``fds`` is owned from now on (closed if this fails)."""
         zones: list[Zone] = []
+        pending = dict(fds)
         try:
             for config in zone_configs:
-                zones.append(Zone(config, fds.get(config.id)))
+                zones.append(Zone(config, pending.pop(config.id, None)))
         except BaseException:
             for zone in zones:
                 zone.close()
+            for fd in pending.values():
+                os.close(fd)
             raise
         return cls(zones, mappings)
 
@@ -252,10 +267,7 @@ class GuestMemory:
                 if gpa + length > region.end:
                     break
                 return region
-        raise MigrationError(f"range {gpa:#x}+{length:#x} is not inside guest RAM", where="guest memory")
-
-    def check_range(self, rng: MemoryRange) -> None:
-        self.region_of(rng.gpa, rng.length)
+        raise VmError(f"range {gpa:#x}+{length:#x} is not inside guest RAM", where="guest memory")
 
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest memory (no copy); the caller must release it."""
@@ -296,25 +308,6 @@ class GuestMemory:
                 table.append(MemoryRange(region.gpa + offset, length))
         return table
 
-    def populate(self) -> bool:
-        """Fault in every page now (``MADV_POPULATE_WRITE``), so receiving is not bound by first touch.
-
-        Skipped (returns False) when the RAM would take more than half of the
-        host's available memory: the size came from a peer, and committing it
-        must not push the host into the OOM killer.
-        """
-        available = _mem_available()
-        if available is not None and self.total_size > available // 2:
-            log.info("not populating %d MiB of guest RAM: only %d MiB available", self.total_size >> 20,
-                     available >> 20)
-            return False
-        for zone in self.zones.values():
-            if _libc.madvise(zone.address, zone.config.size, MADV_POPULATE_WRITE) != 0:
-                err = ctypes.get_errno()
-                log.debug("MADV_POPULATE_WRITE failed on zone %s: %s", zone.config.id, os.strerror(err))
-                return False
-        return True
-
     def populate_range(self, gpa: int, length: int) -> None:
         """Fault in ``[gpa, gpa+length)`` with one ``MADV_POPULATE_WRITE`` before data lands there.
 
@@ -329,26 +322,10 @@ class GuestMemory:
         if _libc.madvise(start, address + length - start, MADV_POPULATE_WRITE) != 0:
             log.debug("MADV_POPULATE_WRITE failed at gpa %#x: %s", gpa, os.strerror(ctypes.get_errno()))
 
-    def fd_of_slot(self, slot: int) -> int:
-        for region in self.regions:
-            if region.mapping.slot == slot:
-                return region.zone.fd
-        raise VmError(f"no slot {slot}")
-
     def close(self) -> None:
+        """Unmap every zone and close its fd (idempotent)."""
         for zone in self.zones.values():
             zone.close()
-
-
-def _mem_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
 
 
 def _data_spans(fd: int, offset: int, size: int) -> list[tuple[int, int]]:

@@ -2,14 +2,20 @@
 
 Rules of this module (after h11's ``_state.py``):
 
-* Everything that affects the receiver's state machine lives in this file, in
-  one table: :data:`RECEIVER_TRANSITIONS`.  The receive code never decides on
-  its own whether a command is allowed; it asks :class:`ReceiverMachine`.
+* Every protocol rule lives in this file, in tables: the main connection's
+  state machine (:data:`RECEIVER_TRANSITIONS`, which the source follows too,
+  through :class:`SourceMachine`), what each additional connection may carry
+  (:data:`CONNECTION_RULES`), and which answers may carry a payload
+  (:func:`check_response`).  No other module decides on its own whether a
+  message is allowed; it asks this one.  ``docs.py`` draws every table into
+  ``docs/protocol.md``, so the pictures cannot drift from the code.
 * Every struct that crosses the wire is encoded and decoded here, to exactly
-  the bytes Cloud Hypervisor's ``vm-migration/src/protocol.rs`` produces.
+  the bytes Cloud Hypervisor's ``vm-migration/src/protocol.rs`` produces; only
+  the message layer (:mod:`chmig.channel`) calls these encoders on real
+  connections.
 * Nothing here touches a socket, a file or guest memory, so all of it can be
   tested with plain bytes.
-* Every limit a hostile peer could abuse is a named constant in :class:`Limits`.
+* Every limit a hostile peer could abuse is a field of :class:`Limits`.
 
 Framing
 -------
@@ -58,7 +64,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
-from .errors import ProtocolError
+from .errors import InternalError, ProtocolError
+from .units import GiB, KiB, MiB, PAGE_SIZE  # noqa: F401 - re-exported: the protocol's vocabulary
 
 # --------------------------------------------------------------------------
 # Constants
@@ -75,20 +82,9 @@ MEMORY_RANGE_SIZE = 16
 ROLE_SIZE = 2
 #: MemoryFd's payload: the u32 slot number (the fd itself travels as SCM_RIGHTS).
 MEMORY_FD_PAYLOAD_SIZE = 4
-PAGE_SIZE = 4096
-
-KiB = 1024
-MiB = 1024 * KiB
-GiB = 1024 * MiB
 
 #: With several connections, memory travels in tables of at most this many bytes.
 PRECOPY_CHUNK_SIZE = 64 * MiB
-#: Additional connections allowed per migration (``connections=N``, N in 1..128).
-MAX_CONNECTIONS = 128
-#: How long a receiver waits for the 2-byte role of an additional connection.
-ROLE_HEADER_TIMEOUT_S = 10.0
-#: How long a postcopy destination waits for the source's Fault connection.
-FAULT_CONNECTION_WAIT_S = 30.0
 
 _HEADER = struct.Struct("<H6sQ")
 _RANGE = struct.Struct("<QQ")
@@ -99,7 +95,11 @@ _U64_MAX = (1 << 64) - 1
 
 @dataclass(frozen=True)
 class Limits:
-    """Upper bounds on what a peer may make the receiver read or allocate."""
+    """Every bound on what a peer may make chmig read, allocate, open or wait for.
+
+    Each is checked *before* the work it bounds: a header's length before its
+    payload is read, a count before the next item is kept.
+    """
 
     #: Largest Config payload (JSON) accepted.
     max_config_bytes: int = 64 * MiB
@@ -109,8 +109,16 @@ class Limits:
     max_table_bytes: int = 16 * MiB
     #: Largest range one PageFault may ask for.
     max_page_fault_bytes: int = 1 * GiB
-    #: Additional connections accepted per migration.
-    max_connections: int = MAX_CONNECTIONS
+    #: Additional connections accepted per migration (``connections=N``, N in 1..128).
+    max_connections: int = 128
+    #: RAM slots of one VM; also the most MemoryFd requests one migration may send.
+    max_slots: int = 512
+    #: Entries of ``common_cpuid`` in a Config.
+    max_cpuid_entries: int = 1024
+    #: How long a receiver waits for the 2-byte role of an additional connection.
+    role_timeout_s: float = 10.0
+    #: How long a postcopy destination waits for the source's Fault connection.
+    fault_connection_wait_s: float = 30.0
 
 
 DEFAULT_LIMITS = Limits()
@@ -158,6 +166,11 @@ class ConnectionRole(enum.IntEnum):
     INVALID = 0
     PRECOPY_MEMORY = 1
     FAULT = 2
+
+    @property
+    def wire_name(self) -> str:
+        """Cloud Hypervisor's name (``PrecopyMemory``)."""
+        return "".join(part.capitalize() for part in self.name.split("_"))
 
     def encode(self) -> bytes:
         return _ROLE.pack(self.value)
@@ -578,7 +591,6 @@ class ReceiverMachine:
         self.limits = limits
         self.state = _S.ESTABLISHED
         self._pending: ReceiverState | None = None
-        self.history: list[tuple[Command, ReceiverState]] = []
 
     @property
     def finished(self) -> bool:
@@ -610,6 +622,116 @@ class ReceiverMachine:
         self.state = _S.ABORTED
 
 
+class SourceMachine:
+    """The source's side of the same table: it may send what the receiver accepts now.
+
+    Both ends agree on one state: the receiver's state after the last Ok.  The
+    source asks :meth:`check_send` before it writes a request (sending anything
+    else would be a bug in chmig, not the peer's fault) and calls
+    :meth:`acknowledged` once the request was answered Ok.
+    """
+
+    def __init__(self) -> None:
+        self.state = _S.ESTABLISHED
+
+    def check_send(self, command: Command) -> ReceiverState:
+        """May the source send ``command`` now?  Returns the state Ok will lead to."""
+        if command is _C.ABANDON and self.state not in FINAL_STATES:
+            return _S.ABORTED
+        target = RECEIVER_TRANSITIONS.get((self.state, command))
+        if target is None:
+            raise InternalError(
+                f"the source tried to send {command.wire_name} in state {self.state.value}", where="source"
+            )
+        return target
+
+    def acknowledged(self, command: Command) -> ReceiverState:
+        """The destination answered ``command`` with Ok: both sides move on."""
+        self.state = self.check_send(command)
+        return self.state
+
+
+# --------------------------------------------------------------------------
+# Additional connections
+# --------------------------------------------------------------------------
+
+
+class Side(enum.Enum):
+    """The two ends of a migration."""
+
+    SOURCE = "source"
+    DESTINATION = "destination"
+
+
+@dataclass(frozen=True)
+class ConnectionRule:
+    """What one kind of additional connection is for and may carry."""
+
+    role: ConnectionRole
+    #: How its connections are named in traces: ``memory-0``, ``fault-1``.
+    name: str
+    #: Who sends the requests on it (the other side answers them).  The source opens every connection.
+    requester: Side
+    #: The only commands allowed on it; anything else is answered Error and ends the connection.
+    commands: frozenset[Command]
+    purpose: str
+
+
+#: Every kind of additional connection (``ReceiveAdditionalConnections`` in Cloud Hypervisor).
+#: The main connection carries everything else and follows :data:`RECEIVER_TRANSITIONS`.
+CONNECTION_RULES: dict[ConnectionRole, ConnectionRule] = {
+    ConnectionRole.PRECOPY_MEMORY: ConnectionRule(
+        ConnectionRole.PRECOPY_MEMORY, "memory", Side.SOURCE, frozenset({_C.MEMORY}),
+        "precopy memory in tables of at most 64 MiB (connections=N); EOF between requests ends it",
+    ),
+    ConnectionRole.FAULT: ConnectionRule(
+        ConnectionRole.FAULT, "fault", Side.DESTINATION, frozenset({_C.PAGE_FAULT}),
+        "postcopy: the destination asks for pages, the source answers them; the destination closes it",
+    ),
+}
+
+#: The name of the main connection in traces.
+MAIN_CONNECTION = "main"
+
+
+def connection_rule(role: ConnectionRole) -> ConnectionRule:
+    """The rule for ``role``; Invalid (or any role without a rule) is a protocol error."""
+    try:
+        return CONNECTION_RULES[role]
+    except KeyError:
+        raise ProtocolError(f"connection role {role.wire_name} is not allowed", where="connection role") from None
+
+
+def check_connection_request(role: ConnectionRole, request: Request, limits: Limits = DEFAULT_LIMITS) -> None:
+    """Is ``request`` allowed on a connection that announced ``role``?  (Checked before any payload.)"""
+    rule = connection_rule(role)
+    if request.command not in rule.commands:
+        allowed = ", ".join(sorted(c.wire_name for c in rule.commands))
+        raise ProtocolError(
+            f"only {allowed} requests are allowed on {role.wire_name} connections, got {request.command.wire_name}",
+            where=f"{rule.name} connection",
+        )
+    check_request_length(request, limits)
+
+
+def check_response(command: Command, response: Response, requested: int = 0) -> None:
+    """Only a PageFault's Ok carries a payload: 0 bytes (written into shared memory) or the whole range."""
+    if command is _C.PAGE_FAULT and response.is_ok:
+        if response.length not in (0, requested):
+            raise ProtocolError(
+                f"answer to a PageFault for {requested} bytes carries {response.length}", where="PageFault"
+            )
+    elif response.length:
+        raise ProtocolError(
+            f"answer to {command.wire_name} carries a payload of {response.length} bytes", where=command.wire_name
+        )
+
+
+# --------------------------------------------------------------------------
+# The tables, drawn (docs.py puts these into docs/protocol.md)
+# --------------------------------------------------------------------------
+
+
 def receiver_state_diagram() -> str:
     """The receiver state machine as a mermaid ``stateDiagram-v2``, drawn from the table."""
     lines = ["stateDiagram-v2", "    direction TB", f"    [*] --> {_S.ESTABLISHED.value}"]
@@ -618,4 +740,46 @@ def receiver_state_diagram() -> str:
     lines.append(f"    note right of {_S.ABORTED.value}: Abandon (from any state), or any error")
     lines.append(f"    {_S.COMPLETED.value} --> [*]")
     lines.append(f"    {_S.ABORTED.value} --> [*]")
+    return "\n".join(lines)
+
+
+
+def connection_rules_table() -> str:
+    """:data:`CONNECTION_RULES` (and the main connection) as a Markdown table."""
+    rows = [
+        "| connection | announced by | requests sent by | commands | purpose |",
+        "|---|---|---|---|---|",
+        f"| `{MAIN_CONNECTION}` | (first connection, no role) | source | as the state machine allows | "
+        "the control flow: Start … Complete |",
+    ]
+    for rule in CONNECTION_RULES.values():
+        commands = ", ".join(sorted(c.wire_name for c in rule.commands))
+        rows.append(f"| `{rule.name}-N` | role {rule.role.wire_name} ({rule.role.value}) | {rule.requester.value} | "
+                    f"{commands} | {rule.purpose} |")
+    return "\n".join(rows)
+
+
+def limits_table(limits: Limits = DEFAULT_LIMITS) -> str:
+    """Every field of :class:`Limits` with its default, as a Markdown table."""
+    import dataclasses
+
+    rows = ["| limit | default |", "|---|---|"]
+    for f in dataclasses.fields(limits):
+        value = getattr(limits, f.name)
+        if isinstance(value, int) and value >= MiB and value % MiB == 0:
+            shown = f"{value // GiB} GiB" if value % GiB == 0 else f"{value // MiB} MiB"
+        elif f.name.endswith("_s"):
+            shown = f"{value:g} s"
+        else:
+            shown = str(value)
+        rows.append(f"| `{f.name}` | {shown} |")
+    return "\n".join(rows)
+
+
+def source_sequence_diagram() -> str:
+    """What the source may send in each state (the same table, seen from the source), as Mermaid."""
+    lines = ["stateDiagram-v2", "    direction LR", f"    [*] --> {_S.ESTABLISHED.value}"]
+    for (state, command), target in RECEIVER_TRANSITIONS.items():
+        lines.append(f"    {state.value} --> {target.value}: send {command.wire_name}, Ok")
+    lines.append(f"    note right of {_S.ABORTED.value}: send Abandon (any state), or an Error answer")
     return "\n".join(lines)

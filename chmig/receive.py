@@ -1,42 +1,59 @@
-"""The destination side of a migration: the receiver state machine driving a real VM.
+"""The destination side of a migration: the receiver state machine, on the wire.
 
-The main connection is read one request at a time.  For each header the
+The main connection is read one request at a time through a
+:class:`~chmig.channel.Channel`.  For each header the
 :class:`~chmig.protocol.ReceiverMachine` decides — before any payload is read
-or anything allocated — whether the command is allowed now; then the step
-function for the command does its work; then Ok is answered.  Any error answers
-Error and aborts: the half-built VM is discarded.
+or anything allocated — whether the command is allowed now; the message layer
+then reads the payload; the step function for the command hands the parsed
+payload to the socket-free :class:`~chmig.destination.Destination`; then Ok is
+answered.  Any error answers Error and aborts: the half-built VM is discarded.
 
-After Config, an accept thread takes additional connections on the same
-listener.  Each gets its own thread, which reads the 2-byte role within 10 s;
-``PrecopyMemory`` connections may then send only Memory requests, each
-answered Ok.  At most 128 are accepted.
+After Config, an :class:`Acceptor` takes additional connections on the same
+listener, reads each one's role (10 s) and hands it to the handler for that
+role: ``PrecopyMemory`` connections become memory workers (Memory only, each
+answered Ok); a ``Fault`` connection is put on :attr:`Receiver.fault_connections`
+for the migration to take, as Cloud Hypervisor's ``fault_tx`` does.
+
+This module builds no VMM and serves no API: :mod:`chmig.vmm` drives it.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
+import queue
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Callable
 
 from . import protocol as p
-from .errors import ChmigError, KvmError, MigrationError, ProtocolError, TransportError, UsageError
-from .memory import GuestMemory, GuestRamMapping, validate_layout
+from .channel import Channel, IncomingRequest, Observers
+from .destination import Destination
+from .errors import (
+    ChmigError,
+    InternalError,
+    ListenerAborted,
+    MigrationError,
+    ProtocolError,
+    StuckThreadError,
+    TransportError,
+    UsageError,
+)
+from .memory import GuestMemory
 from .stats import MigrationStats
-from .transfer import receive_memory
-from .transport import ConnectionClosed, Connection, Listener, TlsConfig, listen, parse_url
-from .vm import Serial, Vm, VmConfig
+from .threads import ThreadGroup
+from .transport import Connection, ConnectionClosed, Listener, TlsConfig, parse_url
+from .vm import Vm
 
 log = logging.getLogger(__name__)
+
+#: How long the destination waits at State for the sender to close its memory connections.
+WORKERS_FINISH_S = 30.0
 
 
 @dataclass
 class ReceiveOptions:
-    """``VmReceiveMigrationData``."""
+    """``VmReceiveMigrationData``, and the same options from ``chmig receive``."""
 
     receiver_url: str
     tls_dir: str | None = None
@@ -47,112 +64,134 @@ class ReceiveOptions:
     @classmethod
     def from_api(cls, body: dict) -> ReceiveOptions:
         options = cls(**body)
+        options.validate()
+        return options
+
+    def validate(self) -> None:
         try:
-            parse_url(options.receiver_url)
+            parse_url(self.receiver_url)
         except TransportError as exc:
             raise UsageError(f"receiver_url {exc}") from None
-        if options.memory_mode.lower() != "precopy":
-            raise MigrationError("memory_mode=postcopy is not implemented yet", where="receive-migration")
-        return options
+        if (self.memory_mode or "precopy").lower() != "precopy":
+            raise UsageError("memory_mode=postcopy is not implemented yet")
 
     def tls(self) -> TlsConfig | None:
         return TlsConfig.from_dir(self.tls_dir, role="server") if self.tls_dir else None
 
 
-class AdditionalConnections:
-    """The accept thread and one thread per worker connection (``ReceiveAdditionalConnections``)."""
+# ---------------------------------------------------------------------------------------------
+# Additional connections: one acceptor, one handler per role
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, listener: Listener, memory: GuestMemory, limits: p.Limits, stats: MigrationStats,
-                 populate: bool = True) -> None:
+RoleHandler = Callable[[Channel], None]
+
+
+class Acceptor:
+    """Accepts additional connections and dispatches each by its role (``ReceiveAdditionalConnections``).
+
+    Each accepted connection gets its own thread, which reads the 2-byte role
+    within ``limits.role_timeout_s`` and calls the handler for that role with a
+    :class:`~chmig.channel.Channel` named after it (``memory-0``, ``fault-0``).
+    The handler owns the channel from then on.  A connection with a bad or
+    late role is dropped with one log line and does not affect the migration.
+    """
+
+    def __init__(self, listener: Listener, handlers: dict[p.ConnectionRole, RoleHandler], threads: ThreadGroup,
+                 observers: Observers, limits: p.Limits = p.DEFAULT_LIMITS) -> None:
         self.listener = listener
-        self.populate = populate
-        self.memory = memory
+        self.handlers = handlers
+        self.threads = threads
+        self.observers = observers
         self.limits = limits
-        self.stats = stats
-        self.errors: list[str] = []
         self._lock = threading.Lock()
-        self._conns: list[Connection] = []
-        self._threads: list[threading.Thread] = []
-        self._accepter = threading.Thread(target=self._accept_loop, name="migrate-receive-accept")
-        self._accepter.start()
+        self._accepted = 0
+        self._per_role: dict[p.ConnectionRole, int] = {}
+
+    def start(self) -> None:
+        self.threads.start("migrate-receive-accept", self._accept_loop, stopper=self.listener.abort)
 
     def _accept_loop(self) -> None:
         while True:
             try:
                 conn = self.listener.accept()
+            except ListenerAborted:
+                return
             except TransportError as exc:
-                if "aborted" in str(exc):
-                    return
                 log.warning("additional connection refused: %s", exc)
                 continue
             with self._lock:
-                if len(self._threads) >= self.limits.max_connections:
+                if self._accepted >= self.limits.max_connections:
                     log.warning("dropping %s: more than %d additional connections", conn.peer,
                                 self.limits.max_connections)
                     conn.close()
                     continue
-                n = len(self._threads)
-                thread = threading.Thread(target=self._serve, args=(conn,), name=f"migrate-receive-memory-{n}")
-                self._conns.append(conn)
-                self._threads.append(thread)
-            thread.start()
+                number = self._accepted
+                self._accepted += 1
+            try:
+                self.threads.start(f"migrate-receive-conn-{number}", self._dispatch, conn, stopper=conn.shutdown)
+            except RuntimeError:  # the group is stopping: this connection came too late
+                conn.close()
+                return
 
-    def _serve(self, conn: Connection) -> None:
-        speaks_requests = False  # until the role is known, there is nobody to answer Error to
+    def _dispatch(self, conn: Connection) -> None:
+        """Read the role, then hand the connection to its handler (which owns it from then on)."""
+        channel = Channel(conn, side=p.Side.DESTINATION, name="unannounced", observers=self.observers,
+                          limits=self.limits)
         try:
-            conn.set_timeout(p.ROLE_HEADER_TIMEOUT_S)
-            role = p.ConnectionRole.decode(conn.read_exact(p.ROLE_SIZE, what="connection role"))
-            if role is not p.ConnectionRole.PRECOPY_MEMORY:
-                raise ProtocolError(f"connection role {role.name} is not supported here", where=conn.peer)
-            conn.set_timeout(None)
-            conn.set_nodelay()
-            speaks_requests = True
+            role = channel.read_role(self.limits.role_timeout_s)
+            handler = self.handlers.get(role)
+            if handler is None:
+                raise ProtocolError(f"connection role {role.wire_name} is not expected here", where="connection role")
+        except ChmigError as exc:
+            log.warning("dropping additional connection %s: %s", conn.peer, exc.message)
+            conn.close()
+            return
+        with self._lock:
+            index = self._per_role.get(role, 0)
+            self._per_role[role] = index + 1
+        channel.name = f"{p.CONNECTION_RULES[role].name}-{index}"
+        conn.set_nodelay()
+        handler(channel)
+
+
+class MemoryWorkers:
+    """The handler of ``PrecopyMemory`` connections: Memory requests straight into guest RAM."""
+
+    def __init__(self, memory: GuestMemory, stats: MigrationStats, populate: bool,
+                 limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+        self.memory = memory
+        self.stats = stats
+        self.populate = populate
+        self.limits = limits
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+
+    def __call__(self, channel: Channel) -> None:
+        """Serve one worker connection until the sender closes it (EOF between requests)."""
+        role = p.ConnectionRole.PRECOPY_MEMORY
+        try:
             while True:
                 try:
-                    header = conn.read_exact(p.HEADER_SIZE, what="request header")
+                    incoming = channel.read_request(lambda r: p.check_connection_request(role, r, self.limits))
                 except ConnectionClosed:
-                    return  # the sender is done with this connection
-                request = p.Request.decode(header)
-                if request.command is not p.Command.MEMORY:
-                    raise ProtocolError(
-                        f"only Memory requests are allowed on additional connections, got {request.command.wire_name}",
-                        where=conn.peer,
-                    )
-                p.check_request_length(request, self.limits)
-                received = receive_memory(conn, self.memory, request, self.populate)
+                    return
+                assert incoming.table is not None
+                received = channel.receive_memory(self.memory, incoming.table, self.populate)
                 with self._lock:
                     self.stats.total_bytes += received
-                conn.write_all(p.Response.ok().encode())
+                channel.answer_ok()
         except ChmigError as exc:
-            log.error("dropping additional connection %s: %s", conn.peer, exc)
+            log.error("dropping additional connection %s (%s): %s", channel.name, channel.peer, exc)
             with self._lock:
                 self.errors.append(str(exc))
-            if speaks_requests:
-                try:
-                    conn.write_all(p.Response.error().encode())
-                except ChmigError:
-                    pass
+            channel.answer_error(exc.message)
         finally:
-            conn.close()
+            channel.close()
 
-    def finish(self, timeout: float = 30.0) -> None:
-        """Stop accepting and wait for the workers (the sender closes them after the last iteration)."""
-        self.listener.abort()
-        self._accepter.join()
-        deadline = time.monotonic() + timeout
-        for thread in list(self._threads):
-            thread.join(max(0.0, deadline - time.monotonic()))
-        self.close()
 
-    def close(self) -> None:
-        """Cut every worker connection (a blocked reader wakes with an error) and join the threads."""
-        self.listener.abort()
-        if self._accepter.is_alive():
-            self._accepter.join()
-        for conn in list(self._conns):
-            conn.shutdown()
-        for thread in list(self._threads):
-            thread.join(timeout=10)
+# ---------------------------------------------------------------------------------------------
+# The main connection
+# ---------------------------------------------------------------------------------------------
 
 
 @dataclass
@@ -164,31 +203,56 @@ class Receiver:
     limits: p.Limits = p.DEFAULT_LIMITS
     populate: bool = True
     stats: MigrationStats = field(default_factory=lambda: MigrationStats(role="destination"))
-    vm: Vm | None = None
-    memory: GuestMemory | None = None
-    memory_fds: dict[int, int] = field(default_factory=dict)
-    connections: AdditionalConnections | None = None
+    observers: Observers = field(default_factory=Observers)
+    destination: Destination = field(init=False)
     machine: p.ReceiverMachine = field(init=False)
+    #: Fault connections handed over by the acceptor (postcopy takes them from here).
+    fault_connections: queue.Queue[Channel] = field(init=False)
 
     def __post_init__(self) -> None:
+        self.destination = Destination(self.serial_spec, self.limits)
         self.machine = p.ReceiverMachine(self.limits)
+        self.fault_connections = queue.Queue()
+        self.threads = ThreadGroup("migrate-receive")
+        self.workers: MemoryWorkers | None = None
+        self.channel: Channel | None = None
+        self._cancelled = threading.Event()
+
+    @property
+    def vm(self) -> Vm | None:
+        return self.destination.vm
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        return self.destination.memory
 
     # -- the loop ----------------------------------------------------------------------------------
 
     def run(self, accept_timeout: float | None = None) -> Vm:
-        """Accept the main connection and follow the protocol to Completed."""
+        """Accept the main connection and follow the protocol to Completed; the caller owns the VM."""
         self.stats.url = str(self.listener.address)
-        conn = self.listener.accept(timeout=accept_timeout)
+        try:
+            conn = self.listener.accept(timeout=accept_timeout)
+        except ListenerAborted:
+            raise MigrationError("the migration was cancelled before a sender connected", where="receive") from None
         # Small requests and responses must not wait for Nagle and delayed ACKs (44 ms a time here).
         conn.set_nodelay()
+        self.channel = Channel(conn, side=p.Side.DESTINATION, observers=self.observers, limits=self.limits)
+        if self._cancelled.is_set():
+            conn.shutdown()
         log.info("incoming migration from %s", conn.peer)
         self.stats._begin = time.monotonic()
         try:
-            with conn:
+            with self.channel:
                 while not self.machine.finished:
-                    self._step(conn)
+                    self._step(self.channel)
         except BaseException as exc:
             self.discard()
+            if self._cancelled.is_set():
+                cancelled = MigrationError("the migration was cancelled on the destination", where="receive")
+                self.stats.finish("cancelled", str(cancelled))
+                log.error(self.stats.summary())
+                raise cancelled from exc
             self.stats.finish("failed", str(exc))
             log.error(self.stats.summary())
             raise
@@ -197,166 +261,138 @@ class Receiver:
             self.stats.finish("abandoned", "the sender abandoned the migration")
             log.warning(self.stats.summary())
             raise MigrationError("the sender abandoned the migration", where="receive")
+        self._close_threads()
+        self.stats.restore_ms = self.destination.restore_ms
+        self.stats.resume_ms = self.destination.resume_ms
         self.stats.finish("completed")
         log.info(self.stats.summary())
-        assert self.vm is not None
-        return self.vm
+        return self.destination.take()
 
-    def _step(self, conn: Connection) -> None:
+    def _step(self, channel: Channel) -> None:
+        """One request of the main connection: admit, read, do the step, answer."""
         try:
-            header = conn.read_exact(p.HEADER_SIZE, what="request header")
+            incoming = channel.read_request(self.machine.begin)
         except ConnectionClosed:
+            self.machine.fail()
             raise MigrationError(
                 f"the sender closed the connection in state {self.machine.state.value}", where="receive"
             ) from None
+        except ChmigError as exc:
+            self.machine.fail()
+            log.error("answering Error: %s", exc)
+            channel.answer_error(exc.message)
+            raise
+        step = incoming.command.wire_name
         try:
-            request = p.Request.decode(header)
-            self.machine.begin(request)
-            try:
-                STEPS[request.command](self, conn, request)
-            except (OSError, ValueError, TypeError, KeyError) as exc:
-                # e.g. a MemoryFd that cannot be mapped: still one clear error, never a crash
-                raise MigrationError(f"{exc!r}", where=request.command.wire_name) from exc
+            STEPS[incoming.command](self, channel, incoming)
             self.machine.commit()
         except ChmigError as exc:
             self.machine.fail()
             log.error("answering Error: %s", exc)
-            try:
-                conn.write_all(p.Response.error().encode())
-            except ChmigError:
-                pass
+            channel.answer_error(exc.message)
             raise
-        conn.write_all(p.Response.ok().encode())
+        except OSError as exc:  # a resource of this host failed (mapping, KVM): ours, not the peer's
+            self.machine.fail()
+            log.error("answering Error: %s: %s", step, exc)
+            channel.answer_error(str(exc))
+            raise MigrationError(f"{exc}", where=step) from exc
+        except Exception as exc:
+            self.machine.fail()
+            log.exception("bug in chmig while handling %s; answering Error", step)
+            channel.answer_error("internal error")
+            raise InternalError(f"while handling {step}: {exc!r}", where="receive") from exc
+        channel.answer_ok()
 
     # -- the steps -----------------------------------------------------------------------------------
 
-    def on_start(self, conn: Connection, request: p.Request) -> None:
+    def on_start(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Start*: the version was checked by the state machine."""
-        log.debug("migration protocol version %d", request.sender_version)
+        log.debug("migration protocol version %d", incoming.request.sender_version)
 
-    def on_memory_fd(self, conn: Connection, request: p.Request) -> None:
+    def on_memory_fd(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *MemoryFd* (local migration): a slot number and its memfd."""
-        data, fds = conn.recv_fds(p.MEMORY_FD_PAYLOAD_SIZE, maxfds=1)
-        slot = p.decode_memory_fd_slot(data)
-        if len(fds) != 1:
-            for fd in fds:
-                os.close(fd)
-            raise ProtocolError("MemoryFd arrived without a file descriptor", where="MemoryFd")
-        if slot in self.memory_fds:
-            os.close(fds[0])
-            raise ProtocolError(f"a second MemoryFd for slot {slot}", where="MemoryFd")
-        if len(self.memory_fds) >= 512:
-            os.close(fds[0])
-            raise ProtocolError("too many MemoryFd requests", where="MemoryFd")
-        self.memory_fds[slot] = fds[0]
+        assert incoming.slot is not None and incoming.fd is not None
+        self.destination.add_memory_fd(incoming.slot, incoming.fd)
 
-    def on_config(self, conn: Connection, request: p.Request) -> None:
-        """Protocol step *Config*: validate everything, then allocate memory and build the VM."""
-        payload = conn.read_exact(request.length, what="Config")
-        try:
-            document = json.loads(payload)
-            config = VmConfig.from_json(document["vm_config"])
-            mappings = [GuestRamMapping.from_json(m) for m in document["memory_manager_data"]["guest_ram_mappings"]]
-            cpuid = _check_cpuid(document.get("common_cpuid"))
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ProtocolError(f"malformed Config: {exc!r}", where="Config") from None
-        validate_layout(config.zones, mappings)
-        fds_by_zone = self._zone_fds(config, mappings)
-        memory = GuestMemory.adopt(config.zones, mappings, fds_by_zone)
-        self.memory_fds.clear()  # now owned by the zones
-        self.memory = memory
-        self.vm = Vm(config, memory, Serial(self.serial_spec), cpuid=cpuid)
-        self.stats.mode = "local" if fds_by_zone else "precopy"
+    def on_config(self, channel: Channel, incoming: IncomingRequest) -> None:
+        """Protocol step *Config*: build the VM; from now on accept additional connections."""
+        vm = self.destination.configure(incoming.payload)
+        self.stats.mode = self.destination.mode
         # Like Cloud Hypervisor, accept workers even if the sender may use only the main connection.
-        self.connections = AdditionalConnections(self.listener, memory, self.limits, self.stats, self.populate)
+        self.workers = MemoryWorkers(vm.memory, self.stats, self.populate, self.limits)
+        handlers: dict[p.ConnectionRole, RoleHandler] = {
+            p.ConnectionRole.PRECOPY_MEMORY: self.workers,
+            p.ConnectionRole.FAULT: self.fault_connections.put,
+        }
+        Acceptor(self.listener, handlers, self.threads, self.observers, self.limits).start()
 
-    def _zone_fds(self, config: VmConfig, mappings: list[GuestRamMapping]) -> dict[str, int]:
-        """Match MemoryFds (by slot) to zones: every slot of a shared zone needs one, and one file."""
-        if not self.memory_fds:
-            return {}
-        by_zone: dict[str, int] = {}
-        slots = {m.slot: m for m in mappings}
-        for slot, fd in self.memory_fds.items():
-            if slot not in slots:
-                raise ProtocolError(f"MemoryFd for slot {slot}, which the Config does not have", where="Config")
-            zone = slots[slot].zone_id
-            if zone in by_zone:
-                if os.fstat(by_zone[zone]).st_ino != os.fstat(fd).st_ino:
-                    raise ProtocolError(f"slots of zone {zone!r} arrived as different files", where="Config")
-                os.close(fd)
-            else:
-                by_zone[zone] = fd
-        self.memory_fds = {}
-        for zone in config.zones:
-            if zone.id not in by_zone:
-                raise ProtocolError(f"local migration without a MemoryFd for zone {zone.id!r}", where="Config")
-            if not zone.shared:
-                raise ProtocolError(f"zone {zone.id!r} is private, but arrived as a MemoryFd", where="Config")
-        return by_zone
-
-    def on_memory(self, conn: Connection, request: p.Request) -> None:
+    def on_memory(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Memory* on the main connection (single-connection precopy)."""
-        assert self.memory is not None
-        self.stats.total_bytes += receive_memory(conn, self.memory, request, self.populate)
+        assert self.memory is not None and incoming.table is not None
+        self.stats.total_bytes += channel.receive_memory(self.memory, incoming.table, self.populate)
 
-    def on_state(self, conn: Connection, request: p.Request) -> None:
+    def on_state(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *State*: every worker is done; restore vCPUs and devices, VM paused."""
-        payload = conn.read_exact(request.length, what="State")
-        begin = time.monotonic()
-        if self.connections is not None:
-            self.connections.finish()
-            if self.connections.errors:
-                raise MigrationError(f"an additional connection failed: {self.connections.errors[0]}",
-                                     where="State")
-        try:
-            state = json.loads(payload)
-        except ValueError as exc:
-            raise ProtocolError(f"State is not JSON: {exc}", where="State") from None
-        assert self.vm is not None
-        try:
-            self.vm.restore_state(state)
-        except KvmError as exc:
-            raise ProtocolError(f"unusable State: {exc}", where="State") from None
-        except MigrationError:
-            raise
-        except Exception as exc:  # a hostile document must not crash the receiver
-            raise ProtocolError(f"malformed State: {exc!r}", where="State") from None
-        self.vm.start(paused=True)
-        self.stats.restore_ms = round((time.monotonic() - begin) * 1000, 3)
+        self._finish_workers()
+        if self.workers is not None and self.workers.errors:
+            raise MigrationError(f"an additional connection failed: {self.workers.errors[0]}", where="State")
+        self.destination.restore(incoming.payload)
 
-    def on_complete(self, conn: Connection, request: p.Request) -> None:
+    def on_complete(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Complete*: resume the VM."""
-        assert self.vm is not None
-        begin = time.monotonic()
-        self.vm.resume()
-        self.stats.resume_ms = round((time.monotonic() - begin) * 1000, 3)
+        self.destination.complete(resume=True)
 
-    def on_complete_paused(self, conn: Connection, request: p.Request) -> None:
+    def on_complete_paused(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *CompletePaused*: the VM stays paused, as it was on the source."""
+        self.destination.complete(resume=False)
 
-    def on_abandon(self, conn: Connection, request: p.Request) -> None:
+    def on_abandon(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Abandon*: answered Ok; the loop then discards the VM."""
         log.info("the sender abandoned the migration")
 
-    # -- the end -----------------------------------------------------------------------------------------
+    # -- threads and the end ----------------------------------------------------------------------------
+
+    def _finish_workers(self) -> None:
+        """Stop accepting, then give the sender's memory connections time to end (it closes them)."""
+        self.listener.abort()
+        stuck = self.threads.wait(WORKERS_FINISH_S)
+        if stuck:
+            log.warning("memory connections still open at State after %.0f s: %s", WORKERS_FINISH_S,
+                        ", ".join(stuck))
+        self._close_threads()
+
+    def _close_threads(self) -> None:
+        """Stop the acceptor and every connection thread; close Fault connections nobody took."""
+        try:
+            self.threads.close(timeout=10)
+        except StuckThreadError as exc:
+            raise MigrationError(str(exc), where="receive") from None
+        finally:
+            while True:
+                try:
+                    self.fault_connections.get_nowait().close()
+                except queue.Empty:
+                    break
+
+    def cancel(self) -> None:
+        """Stop this migration from another thread: the listener and every connection are shut."""
+        self._cancelled.set()
+        self.threads.stop()
+        self.listener.abort()
+        if self.channel is not None:
+            self.channel.shutdown()
 
     def discard(self) -> None:
         """Throw the half-built VM away and stop every thread this migration started."""
-        if self.connections is not None:
-            self.connections.close()
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
-        if self.memory is not None:
-            self.memory.close()
-            self.memory = None
-        for fd in self.memory_fds.values():
-            os.close(fd)
-        self.memory_fds.clear()
+        try:
+            self._close_threads()
+        except ChmigError as exc:
+            log.error("discarding the migration: %s", exc)
+        self.destination.discard()
 
 
 #: Which step function handles which command (the state machine already allowed it).
-STEPS: dict[p.Command, Callable[[Receiver, Connection, p.Request], None]] = {
+STEPS: dict[p.Command, Callable[[Receiver, Channel, IncomingRequest], None]] = {
     p.Command.START: Receiver.on_start,
     p.Command.MEMORY_FD: Receiver.on_memory_fd,
     p.Command.CONFIG: Receiver.on_config,
@@ -366,58 +402,3 @@ STEPS: dict[p.Command, Callable[[Receiver, Connection, p.Request], None]] = {
     p.Command.COMPLETE_PAUSED: Receiver.on_complete_paused,
     p.Command.ABANDON: Receiver.on_abandon,
 }
-
-
-def _check_cpuid(entries: object) -> list[dict] | None:
-    if entries is None:
-        return None
-    if not isinstance(entries, list) or len(entries) > 1024:
-        raise ProtocolError("common_cpuid must be a list of at most 1024 entries", where="Config")
-    checked = []
-    for entry in entries:
-        if not isinstance(entry, dict):
-            raise ProtocolError("common_cpuid entries must be objects", where="Config")
-        checked.append({k: int(entry.get(k, 0)) & 0xFFFFFFFF
-                        for k in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")})
-    return checked
-
-
-# ---------------------------------------------------------------------------------------------
-# Entry points
-# ---------------------------------------------------------------------------------------------
-
-
-def receive_into_vmm(vmm, options: ReceiveOptions) -> None:  # noqa: ANN001 - Vmm (import cycle)
-    """``vm.receive-migration`` on an empty VMM: on success the VMM owns the VM."""
-    with listen(parse_url(options.receiver_url), options.tls()) as listener:
-        receiver = Receiver(listener, serial_spec=vmm.serial_spec, populate=options.populate)
-        vmm.migration = receiver.stats
-        vm = receiver.run()
-    vmm.adopt(vm)
-
-
-def main_receive(args: argparse.Namespace) -> int:
-    """``chmig receive --listen URL``: wait for one migration, then run the VM it brought."""
-    from .vmm import Vmm, start_api, wait_for_exit
-
-    Serial(args.serial).close()  # a bad --serial is an error before anything listens
-    tls = TlsConfig.from_dir(args.tls_dir, role="server") if args.tls_dir else None
-    vmm = Vmm(args.serial)
-    vmm.exit_on_vm_failure = not args.api_socket
-    server = start_api(vmm, args.api_socket)
-    try:
-        with listen(parse_url(args.listen), tls) as listener:
-            log.info("waiting for a migration on %s", listener.address)
-            print(f"chmig receive: listening on {listener.address}", flush=True)
-            receiver = Receiver(listener, serial_spec=args.serial)
-            vmm.migration = receiver.stats
-            vm = receiver.run()
-        vmm.adopt(vm)
-        print(f"chmig receive: {receiver.stats.summary()}", flush=True)
-        if args.exit_after_migration:
-            vmm.exit_event.set()
-    except BaseException:
-        if server is not None:
-            server.stop()
-        raise
-    return wait_for_exit(vmm, server)

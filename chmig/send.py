@@ -20,30 +20,27 @@ it was: dirty logging off, the VM resumed if it was running, the API serving.
 
 from __future__ import annotations
 
+import json
 import logging
+import queue
 import threading
 import time
-from collections import deque
 from dataclasses import dataclass
 
 from . import protocol as p
-from .errors import ConvergenceError, MigrationError, TransportError, UsageError
+from .channel import Channel, Observers
+from .errors import ChmigError, ConvergenceError, MigrationError, TransportError, UsageError
 from .memory import GuestMemory
-from .stats import Iteration, MigrationStats, MiB
-from .transfer import expect_ok, request_ok, send_memory, send_request
-from .transport import Connection, TlsConfig, Url, connect, parse_url
+from .stats import Iteration, MigrationStats
+from .threads import ThreadGroup
+from .transport import TlsConfig, Url, connect, parse_url
+from .units import MiB
 from .vm import Vm, VmState
 
 log = logging.getLogger(__name__)
 
 #: Chunks queued per worker connection before the producer waits (Cloud Hypervisor: 64).
 QUEUED_CHUNKS_PER_WORKER = 64
-
-
-def _toggle(value: object, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    raise UsageError(f"{name} must be true or false")
 
 
 @dataclass
@@ -79,8 +76,9 @@ class SendOptions:
             raise UsageError("timeout_s must be non-zero")
         if self.timeout_strategy not in ("cancel", "ignore"):
             raise UsageError(f"timeout_strategy must be cancel or ignore, got {self.timeout_strategy!r}")
-        if not 1 <= self.connections <= p.MAX_CONNECTIONS:
-            raise UsageError(f"connections must be 1..{p.MAX_CONNECTIONS}, got {self.connections}")
+        most = p.DEFAULT_LIMITS.max_connections
+        if not 1 <= self.connections <= most:
+            raise UsageError(f"connections must be 1..{most}, got {self.connections}")
         if self.connections > 1 and url.scheme != "tcp":
             raise UsageError("connections > 1 is only supported with tcp: URLs")
         if self.local and url.scheme != "unix":
@@ -107,96 +105,86 @@ class MemorySender:
     """Sends memory tables, over the main connection or over N ``PrecopyMemory`` workers.
 
     With workers, :meth:`send` cuts the table into chunks of at most 64 MiB and
-    queues them (bounded: the producer waits when the queue is full); each
+    puts them on a bounded queue (the producer waits when it is full); each
     worker thread sends a chunk and waits for its Ok.  :meth:`send` returns once
-    every chunk is acknowledged — the gate at the end of each iteration — or
-    raises as soon as any worker failed.
+    every chunk is acknowledged (``queue.join``: the gate at the end of each
+    iteration) and raises if any worker failed.  After a failure the workers
+    drain the queue without sending, so nobody waits for a chunk that will
+    never be acknowledged.
     """
 
-    def __init__(self, main: Connection, memory: GuestMemory, options: SendOptions, stats: MigrationStats) -> None:
+    def __init__(self, main: Channel, memory: GuestMemory, options: SendOptions, observers: Observers) -> None:
         self.main = main
         self.memory = memory
-        self.workers: list[Connection] = []
-        self._threads: list[threading.Thread] = []
-        self._cond = threading.Condition()
-        self._queue: deque[p.MemoryRangeTable | None] = deque()
-        self._capacity = QUEUED_CHUNKS_PER_WORKER * options.connections
-        self._outstanding = 0
+        self.options = options
+        self.observers = observers
+        self.workers: list[Channel] = []
+        self.threads = ThreadGroup("migrate-send-memory")
+        self._queue: queue.Queue[p.MemoryRangeTable | None] = queue.Queue(
+            maxsize=QUEUED_CHUNKS_PER_WORKER * options.connections)
         self._error: BaseException | None = None
-        if options.connections > 1:
-            tls = options.tls()
-            try:
-                for n in range(options.connections):
-                    conn = connect(options.url, tls)
-                    conn.set_nodelay()
-                    self.workers.append(conn)
-                    conn.write_all(p.ConnectionRole.PRECOPY_MEMORY.encode())
-            except BaseException:
-                self.close()
-                raise
-            for n, conn in enumerate(self.workers):
-                thread = threading.Thread(target=self._worker, args=(conn,), name=f"migrate-send-memory-{n}")
-                self._threads.append(thread)
-                thread.start()
-            log.info("sending memory over %d connections", len(self.workers))
+
+    def open(self) -> None:
+        """Open the worker connections (``connections > 1``) and start one thread each."""
+        if self.options.connections <= 1:
+            return
+        tls = self.options.tls()
+        try:
+            for n in range(self.options.connections):
+                conn = connect(self.options.url, tls)
+                channel = Channel(conn, side=p.Side.SOURCE, name=f"memory-{n}", observers=self.observers)
+                self.workers.append(channel)
+                channel.set_nodelay()
+                channel.send_role(p.ConnectionRole.PRECOPY_MEMORY)
+            for channel in self.workers:
+                self.threads.start(f"migrate-send-{channel.name}", self._worker, channel, stopper=channel.shutdown)
+        except BaseException:
+            self.close()
+            raise
+        log.info("sending memory over %d connections", len(self.workers))
 
     def send(self, table: p.MemoryRangeTable) -> int:
         """Send ``table`` and wait until all of it is acknowledged; return its bytes."""
         if not table:
             return 0
         if not self.workers:
-            return send_memory(self.main, self.memory, table)
+            return self.main.send_memory(self.memory, table)
         for chunk in table.partition(p.PRECOPY_CHUNK_SIZE):
-            with self._cond:
-                self._cond.wait_for(lambda: len(self._queue) < self._capacity or self._error is not None)
-                self._raise_worker_error()
-                self._queue.append(chunk)
-                self._outstanding += 1
-                self._cond.notify_all()
-        with self._cond:
-            self._cond.wait_for(lambda: self._outstanding == 0 or self._error is not None)
-            self._raise_worker_error()
-        return table.total_bytes
-
-    def _raise_worker_error(self) -> None:
+            if self._error is not None:
+                break
+            self._queue.put(chunk)
+        self._queue.join()
         if self._error is not None:
             raise MigrationError(f"a memory connection failed: {self._error}", where="Memory")
+        return table.total_bytes
 
-    def _worker(self, conn: Connection) -> None:
-        try:
-            while True:
-                with self._cond:
-                    self._cond.wait_for(lambda: bool(self._queue))
-                    chunk = self._queue.popleft()
-                    self._cond.notify_all()
+    def _worker(self, channel: Channel) -> None:
+        while True:
+            chunk = self._queue.get()
+            try:
                 if chunk is None:  # the owner is closing
                     return
-                send_memory(conn, self.memory, chunk)
-                with self._cond:
-                    self._outstanding -= 1
-                    self._cond.notify_all()
-        except BaseException as exc:  # reported to the producer, which raises it
-            log.error("%s: %s", threading.current_thread().name, exc)
-            with self._cond:
+                if self._error is None:
+                    channel.send_memory(self.memory, chunk)
+            except BaseException as exc:  # reported to the producer, which raises it
+                log.error("%s: %s", threading.current_thread().name, exc)
                 if self._error is None:
                     self._error = exc
-                self._cond.notify_all()
+            finally:
+                self._queue.task_done()
 
     def close(self) -> None:
-        """Stop the workers (a None each, and a socket shutdown for one stuck in I/O) and join them."""
-        with self._cond:
-            self._queue.clear()
-            self._queue.extend([None] * len(self._threads))
-            self._cond.notify_all()
-        if self._error is not None or self._outstanding:
-            for conn in self.workers:
-                conn.shutdown()
-        for thread in self._threads:
-            thread.join(timeout=30)
-        for conn in self.workers:
-            conn.close()
-        self._threads.clear()
-        self.workers.clear()
+        """End the workers (a None each; a socket shutdown first unless all went well) and join them."""
+        if self._error is not None or self._queue.unfinished_tasks:
+            self.threads.stop()
+        for _ in self.threads.alive():
+            self._queue.put(None)
+        try:
+            self.threads.join(timeout=30)
+        finally:
+            for channel in self.workers:
+                channel.close()
+            self.workers.clear()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,53 +195,79 @@ class MemorySender:
 class Sender:
     """One outgoing migration of ``vm``; :meth:`run` either hands the VM over or leaves it be."""
 
-    def __init__(self, vm: Vm, options: SendOptions, stats: MigrationStats) -> None:
+    def __init__(self, vm: Vm, options: SendOptions, stats: MigrationStats,
+                 observers: Observers | None = None) -> None:
         self.vm = vm
         self.options = options
         self.stats = stats
+        self.observers = observers if observers is not None else Observers()
+        self.machine = p.SourceMachine()
         self.was_running = vm.state == VmState.RUNNING
         self.paused_by_us = False
         self.handed_over = False
         self.downtime_begin = time.monotonic()
-        self.conn: Connection | None = None
+        self.channel: Channel | None = None
         self.memory_sender: MemorySender | None = None
+        self._cancelled = threading.Event()
 
     def run(self) -> None:
+        """Migrate; on failure before hand-over, leave the VM as it was and raise."""
         options = self.options
-        self.conn = connect(options.url, options.tls())
+        conn = connect(options.url, options.tls())
+        self.channel = Channel(conn, side=p.Side.SOURCE, observers=self.observers)
         # A small final iteration stalled 44 ms on Nagle + delayed ACK without this (bench/precopy.py).
-        self.conn.set_nodelay()
+        self.channel.set_nodelay()
         try:
+            if self._cancelled.is_set():
+                raise MigrationError("the migration was cancelled", where="send")
             self._migrate()
         except BaseException as exc:
             self._roll_back(exc)
+            if self._cancelled.is_set() and not isinstance(exc, ConvergenceError):
+                raise MigrationError(f"the migration was cancelled ({exc})", where="send") from exc
             raise
         finally:
             if self.memory_sender is not None:
                 self.memory_sender.close()
-            self.conn.close()
+            self.channel.close()
+
+    def cancel(self) -> None:
+        """Stop the migration from another thread: every connection is shut; run() rolls back and raises."""
+        self._cancelled.set()
+        if self.channel is not None:
+            self.channel.shutdown()
+        if self.memory_sender is not None:
+            self.memory_sender.threads.stop()
+
+    def _request_ok(self, request: p.Request, payload: bytes = b"") -> None:
+        """One step of the main connection, as the table allows it: send, require Ok, move on."""
+        assert self.channel is not None
+        self.machine.check_send(request.command)
+        self.channel.request_ok(request, payload)
+        self.machine.acknowledged(request.command)
 
     def _migrate(self) -> None:
-        conn, vm = self.conn, self.vm
-        assert conn is not None
-        request_ok(conn, p.Request.start())
+        vm = self.vm
+        self._request_ok(p.Request.start())
         if self.options.local:
             self._send_memory_fds()
         config = json_bytes(vm.migration_config())
-        request_ok(conn, p.Request.config(len(config)), config)
+        self._request_ok(p.Request.config(len(config)), config)
         if self.options.local:
             self._pause()
         else:
-            self.memory_sender = MemorySender(conn, vm.memory, self.options, self.stats)
+            assert self.channel is not None
+            self.memory_sender = MemorySender(self.channel, vm.memory, self.options, self.observers)
+            self.memory_sender.open()
             self._precopy()
         capture_begin = time.monotonic()
         state = json_bytes(vm.capture_state())
         self.stats.state_capture_ms = _ms_since(capture_begin)
         send_begin = time.monotonic()
-        request_ok(conn, p.Request.state(len(state)), state)
+        self._request_ok(p.Request.state(len(state)), state)
         self.stats.send_state_ms = _ms_since(send_begin)
         complete_begin = time.monotonic()
-        request_ok(conn, p.Request.complete() if self.was_running else p.Request.complete_paused())
+        self._request_ok(p.Request.complete() if self.was_running else p.Request.complete_paused())
         self.handed_over = True
         self.stats.complete_ms = _ms_since(complete_begin)
         self.stats.downtime_ms = _ms_since(self.downtime_begin)
@@ -263,11 +277,11 @@ class Sender:
         memory = self.vm.memory
         if not memory.shared:
             raise MigrationError("local migration requires shared memory (memory shared=on)", where="MemoryFd")
-        assert self.conn is not None
+        assert self.channel is not None
         for region in memory.regions:
-            self.conn.write_all(p.Request.memory_fd().encode())
-            self.conn.send_fds(p.encode_memory_fd_slot(region.mapping.slot), [region.zone.fd])
-            expect_ok(self.conn, "MemoryFd")
+            self.machine.check_send(p.Command.MEMORY_FD)
+            self.channel.send_memory_fd(region.mapping.slot, region.zone.fd)
+            self.machine.acknowledged(p.Command.MEMORY_FD)
         self.stats.mode = "local"
 
     def _pause(self) -> None:
@@ -361,20 +375,17 @@ class Sender:
             self.vm.stop_dirty_log()
         except Exception as stop_error:  # keep the original error; this one is only logged
             log.warning("could not turn dirty logging off: %s", stop_error)
-        if isinstance(exc, ConvergenceError) and self.conn is not None:
+        if isinstance(exc, ConvergenceError) and self.channel is not None:
             try:  # a healthy connection: tell the destination to drop its half-built VM
-                send_request(self.conn, p.Request.abandon())
-                expect_ok(self.conn, "Abandon")
-            except Exception:
-                pass
+                self._request_ok(p.Request.abandon())
+            except ChmigError as abandon_error:
+                log.info("the destination did not take the Abandon: %s", abandon_error)
         if self.paused_by_us and self.vm.state == VmState.PAUSED:
             self.vm.resume()
         log.warning("migration failed, the VM stays here (%s): %s", self.vm.state, exc)
 
 
 def json_bytes(document: dict) -> bytes:
-    import json
-
     return json.dumps(document, separators=(",", ":")).encode()
 
 
@@ -382,25 +393,25 @@ def _ms_since(begin: float) -> float:
     return round((time.monotonic() - begin) * 1000, 3)
 
 
-def send_migration(vmm, options: SendOptions) -> MigrationStats:  # noqa: ANN001 - Vmm (import cycle)
-    """``vm.send-migration``: run the migration; on success the VM is gone (unless preserve_source)."""
-    vm = vmm.require_vm()
-    stats = MigrationStats(role="source", url=options.destination_url, connections=options.connections,
-                           mode="local" if options.local else options.memory_mode,
-                           downtime_goal_ms=options.downtime_ms)
-    vmm.migration = stats
-    sender = Sender(vm, options, stats)
+def new_stats(options: SendOptions) -> MigrationStats:
+    """The statistics of an outgoing migration, before it starts (shown by ``vm.info`` while it runs)."""
+    return MigrationStats(role="source", url=options.destination_url, connections=options.connections,
+                          mode="local" if options.local else options.memory_mode,
+                          downtime_goal_ms=options.downtime_ms)
+
+
+def send_migration(sender: Sender) -> MigrationStats:
+    """Run ``sender`` to the end and record the outcome; the caller retires the VM unless preserve_source."""
+    stats = sender.stats
     try:
         sender.run()
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, ConvergenceError) else "failed"
+        status = "cancelled" if isinstance(exc, ConvergenceError) or sender._cancelled.is_set() else "failed"
         stats.finish(status, str(exc))
         log.warning(stats.summary())
         raise
     stats.finish("completed")
     log.info(stats.summary())
-    if options.preserve_source:
+    if sender.options.preserve_source:
         log.info("preserve_source=on: the source VM stays here, paused")
-    else:
-        vmm.retire_vm()
     return stats

@@ -6,7 +6,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-MiB = 1 << 20
+from .units import MiB
 
 
 def _ms(seconds: float) -> float:

@@ -76,7 +76,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Literal, Self
 
-from chmig.errors import TransportError
+from chmig.errors import ListenerAborted, TransportError
 
 log = logging.getLogger(__name__)
 
@@ -458,7 +458,7 @@ def _tls_handshake(
             ) from e
         outcome = _wait(tls_sock.fileno(), events, deadline, abort_fd)
         if outcome is _Wait.ABORTED:
-            raise TransportError(
+            raise ListenerAborted(
                 f"accept aborted during the TLS handshake with {peer_role}", where=peer
             )
         if outcome is _Wait.TIMED_OUT:
@@ -803,12 +803,12 @@ class Listener:
 
         ``timeout`` bounds the wait for a connection; the TLS handshake has its
         own bound (``handshake_timeout`` of :func:`listen`).  Raises
-        :class:`TransportError` on timeout, on :meth:`abort` ("accept
-        aborted"), or if the handshake fails (naming the peer).
+        :class:`TransportError` on timeout or if the handshake fails (naming
+        the peer), and its subclass :class:`ListenerAborted` after :meth:`abort`.
         """
         with self._state:
             if self._closed:
-                raise TransportError("listener is closed", where=str(self._address))
+                raise ListenerAborted("listener is closed", where=str(self._address))
             self._active_accepts += 1
         try:
             sock = self._wait_for_connection(_deadline(timeout), timeout)
@@ -825,7 +825,7 @@ class Listener:
         while True:
             outcome = _wait(self._sock.fileno(), select.POLLIN, deadline, self._abort_fd)
             if outcome is _Wait.ABORTED:
-                raise TransportError("waiting for a connection: accept aborted", where=where)
+                raise ListenerAborted("waiting for a connection: accept aborted", where=where)
             if outcome is _Wait.TIMED_OUT:
                 raise TransportError(f"no connection within {timeout} s", where=where)
             try:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Callable
 
 from . import guest
-from .errors import KvmError, MigrationError, UsageError, VmError
+from .errors import KvmError, StuckThreadError, UsageError, VmError
 from .kvm import (
     KVM_EXIT_HLT,
     KVM_EXIT_INTR,
@@ -33,8 +33,10 @@ from .kvm import (
     Kvm,
     Vcpu,
 )
-from .memory import GuestMemory, ZoneConfig, parse_size
-from .protocol import MemoryRangeTable, PAGE_SIZE
+from .memory import GuestMemory, ZoneConfig
+from .options import OptionParser
+from .protocol import MemoryRangeTable
+from .units import MiB, PAGE_SIZE
 
 log = logging.getLogger(__name__)
 
@@ -46,8 +48,6 @@ LSR_IDLE = 0x60
 KICK_SIGNAL = signal.SIGUSR1
 #: How long an idle guest's HLT waits before the VMM lets it continue.
 HLT_WAIT_S = 0.05
-#: The guest paces itself every this many pages written.
-PACE_PAGES = 256
 
 WORKLOADS = ("verify", "counter", "idle")
 
@@ -55,25 +55,6 @@ WORKLOADS = ("verify", "counter", "idle")
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
-
-
-def parse_options(text: str, what: str) -> dict[str, str]:
-    """``a=1,b=2`` → dict; a bare word is ``{word: ""}`` (Cloud Hypervisor's option syntax)."""
-    options: dict[str, str] = {}
-    for part in filter(None, (p.strip() for p in text.split(","))):
-        key, sep, value = part.partition("=")
-        if key in options:
-            raise UsageError(f"{what}: option {key!r} given twice")
-        options[key] = value if sep else ""
-    return options
-
-
-def _on_off(value: str, what: str) -> bool:
-    if value in ("on", "true"):
-        return True
-    if value in ("off", "false"):
-        return False
-    raise UsageError(f"{what}: expected on or off, got {value!r}")
 
 
 @dataclass
@@ -93,18 +74,10 @@ class Workload:
         kind, _, rest = text.partition(",")
         if kind not in WORKLOADS:
             raise UsageError(f"--workload: unknown workload {kind!r} (choose from {', '.join(WORKLOADS)})")
-        options = parse_options(rest, "--workload")
+        options = OptionParser("--workload").add_all(("dirty_percent", "dirty_rate")).parse(rest)
         workload = cls(kind)
-        for key, value in options.items():
-            try:
-                if key == "dirty_percent":
-                    workload.dirty_percent = int(value)
-                elif key == "dirty_rate":
-                    workload.dirty_rate = float(value)
-                else:
-                    raise UsageError(f"--workload: unknown option {key!r}")
-            except ValueError:
-                raise UsageError(f"--workload: {key} must be a number, got {value!r}") from None
+        workload.dirty_percent = options.integer("dirty_percent", workload.dirty_percent)
+        workload.dirty_rate = options.number("dirty_rate", workload.dirty_rate)
         workload.validate()
         return workload
 
@@ -138,34 +111,19 @@ class VmConfig:
     def from_args(cls, cpus: str | None, memory: str | None, zones: list[str], workload: str | None) -> VmConfig:
         config = cls(workload=Workload.parse(workload))
         if cpus:
-            options = parse_options(cpus, "--cpus")
-            unknown = set(options) - {"boot", "max"}
-            if unknown:
-                raise UsageError(f"--cpus: unknown option {sorted(unknown)[0]!r}")
-            try:
-                config.cpus = int(options.get("boot", "1"))
-            except ValueError:
-                raise UsageError(f"--cpus: boot must be a number, got {options['boot']!r}") from None
-        main_zone = ZoneConfig("mem0", 512 << 20, True)
+            options = OptionParser("--cpus").add("boot").parse(cpus)
+            config.cpus = options.integer("boot", 1)
+        main_zone = ZoneConfig("mem0", 512 * MiB, True)
         if memory:
-            options = parse_options(memory, "--memory")
-            unknown = set(options) - {"size", "shared"}
-            if unknown:
-                raise UsageError(f"--memory: unknown option {sorted(unknown)[0]!r}")
-            main_zone = ZoneConfig(
-                "mem0",
-                parse_size(options.get("size", "512M")),
-                _on_off(options.get("shared", "on"), "--memory shared"),
-            )
+            options = OptionParser("--memory").add_all(("size", "shared")).parse(memory)
+            main_zone = ZoneConfig("mem0", options.size("size", 512 * MiB), options.toggle("shared", True))
         config.zones = [main_zone] if main_zone.size else []
         for text in zones:
-            options = parse_options(text, "--memory-zone")
-            unknown = set(options) - {"id", "size", "shared"}
-            if unknown or "id" not in options or "size" not in options:
+            options = OptionParser("--memory-zone").add_all(("id", "size", "shared")).parse(text)
+            zone_id, size = options.string("id"), options.size("size")
+            if zone_id is None or size is None:
                 raise UsageError("--memory-zone: expected id=NAME,size=SIZE[,shared=on|off]")
-            config.zones.append(
-                ZoneConfig(options["id"], parse_size(options["size"]), _on_off(options.get("shared", "on"), "shared"))
-            )
+            config.zones.append(ZoneConfig(zone_id, size, options.toggle("shared", True)))
         config.validate()
         return config
 
@@ -206,9 +164,9 @@ class VmConfig:
             config = cls(int(data["cpus"]["boot_vcpus"]), zones, Workload.from_json(data["workload"]))
             config.validate()
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise MigrationError(f"malformed vm_config: {exc!r}", where="Config") from None
+            raise VmError(f"malformed vm_config: {exc!r}", where="VM config") from None
         except UsageError as exc:
-            raise MigrationError(f"unacceptable vm_config: {exc.message}", where="Config") from None
+            raise VmError(f"unacceptable vm_config: {exc.message}", where="VM config") from None
         return config
 
 
@@ -264,34 +222,56 @@ class VmState:
     SHUTDOWN = "Shutdown"
 
 
-def _install_kick_handler() -> None:
-    # The handler only has to exist: its delivery makes KVM_RUN return EINTR.
-    if threading.current_thread() is threading.main_thread():
-        if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
-            signal.signal(KICK_SIGNAL, lambda signum, frame: None)
+def _ignore_kick(signum: int, frame: object) -> None:
+    """The kick's handler only has to exist: its delivery makes KVM_RUN return EINTR."""
+
+
+def install_kick_handler() -> None:
+    """Install the vCPU kick handler; Python allows that only on the main thread.
+
+    It is installed when this module is first imported (on the main thread in
+    every chmig process), because a VM may later be built on any thread — a
+    migration arriving through the API builds it on a request thread — and a
+    kick without a handler would kill the process (SIGUSR1's default action).
+    """
+    if signal.getsignal(KICK_SIGNAL) in (signal.SIG_DFL, signal.SIG_IGN, None):
+        if threading.current_thread() is not threading.main_thread():
+            raise VmError("the vCPU kick handler must be installed from the main thread before a VM is built")
+        signal.signal(KICK_SIGNAL, _ignore_kick)
+
+
+if threading.current_thread() is threading.main_thread():
+    install_kick_handler()
 
 
 class Vm:
     """A KVM VM with its memory, vCPUs and the chmig guest's devices."""
 
     def __init__(self, config: VmConfig, memory: GuestMemory, serial: Serial, cpuid: list[dict] | None = None) -> None:
-        _install_kick_handler()
+        """Build the VM around ``memory`` and ``serial``, which it owns from now on (closed even if this fails)."""
         self.config = config
         self.memory = memory
         self.serial = serial
-        self.kvm = Kvm()
-        self.cpuid = cpuid if cpuid is not None else self.kvm.supported_cpuid()
-        self.vmfd = self.kvm.create_vm()
-        self.vmfd.set_identity_map_addr(0xFFFBC000)
-        self.vmfd.set_tss_addr(0xFFFBD000)
-        self._dirty_logging = False
-        self._register_slots()
         self.vcpus: list[Vcpu] = []
-        for index in range(config.cpus):
-            vcpu = self.vmfd.create_vcpu(index)
-            vcpu.set_cpuid2(self.cpuid)
-            self.vcpus.append(vcpu)
-        self.msr_indices = self.kvm.msr_index_list()
+        self.kvm: Kvm | None = None
+        self.vmfd = None
+        try:
+            install_kick_handler()
+            self.kvm = Kvm()
+            self.cpuid = cpuid if cpuid is not None else self.kvm.supported_cpuid()
+            self.vmfd = self.kvm.create_vm()
+            self.vmfd.set_identity_map_addr(0xFFFBC000)
+            self.vmfd.set_tss_addr(0xFFFBD000)
+            self._dirty_logging = False
+            self._register_slots()
+            for index in range(config.cpus):
+                vcpu = self.vmfd.create_vcpu(index)
+                self.vcpus.append(vcpu)
+                vcpu.set_cpuid2(self.cpuid)
+            self.msr_indices = self.kvm.msr_index_list()
+        except BaseException:
+            self._release()
+            raise
         self.state = VmState.CREATED
         self.failure: str | None = None
         self.status = [dict.fromkeys(("rounds", "errors", "last_error_gpa", "ticks", "last_error_kind"), 0)
@@ -362,7 +342,7 @@ class Vm:
         self.state = VmState.RUNNING
 
     def shutdown(self) -> None:
-        """Stop every vCPU thread, join them, and release KVM and memory."""
+        """Stop every vCPU thread and join them; one that does not stop within 10 s is reported."""
         if self.state == VmState.SHUTDOWN and not self._threads:
             return
         with self._cond:
@@ -372,19 +352,33 @@ class Vm:
                 vcpu.immediate_exit = True
             self._cond.notify_all()
         self._kick_all()
+        deadline = time.monotonic() + 10
         for thread in self._threads:
             if thread is not threading.current_thread():
-                thread.join(timeout=10)
+                thread.join(max(0.0, deadline - time.monotonic()))
+        stuck = [t.name for t in self._threads if t.is_alive() and t is not threading.current_thread()]
         self._threads.clear()
         self.state = VmState.SHUTDOWN
+        if stuck:
+            log.error("vCPU threads did not stop within 10 s: %s", ", ".join(stuck))
+            raise StuckThreadError(f"vCPU threads did not stop within 10 s: {', '.join(stuck)}", where="VM")
 
     def close(self) -> None:
-        self.shutdown()
+        """Stop the vCPUs and release everything the VM owns: KVM fds, guest memory, serial (idempotent)."""
+        try:
+            self.shutdown()
+        finally:
+            self._release()
+
+    def _release(self) -> None:
         for vcpu in self.vcpus:
             vcpu.close()
         self.vcpus.clear()
-        self.vmfd.close()
-        self.kvm.close()
+        if self.vmfd is not None:
+            self.vmfd.close()
+        if self.kvm is not None:
+            self.kvm.close()
+        self.memory.close()
         self.serial.close()
 
     def _kick_all(self) -> None:
@@ -535,11 +529,11 @@ class Vm:
             vcpus = state["vcpus"]
             counters = state["devices"]["guest"]["vcpus"]
         except (KeyError, TypeError) as exc:
-            raise MigrationError(f"malformed VM state: missing {exc}", where="State") from None
+            raise VmError(f"malformed VM state: missing {exc}", where="VM state") from None
         if not isinstance(vcpus, list) or len(vcpus) != len(self.vcpus) or len(counters) != len(self.vcpus):
-            raise MigrationError(
+            raise VmError(
                 f"state describes {len(vcpus) if isinstance(vcpus, list) else '?'} vCPUs, the VM has {len(self.vcpus)}",
-                where="State",
+                where="VM state",
             )
         for vcpu, vcpu_state in zip(self.vcpus, vcpus):
             vcpu.set_state(vcpu_state)

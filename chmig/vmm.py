@@ -1,9 +1,16 @@
-"""The VMM process: owns at most one VM, serves the API, runs migrations, decides when to exit.
+"""The VMM process: owns at most one VM and one migration, serves the API, decides when to exit.
 
 ``chmig run`` with VM options boots a VM; with only ``--api-socket`` it starts
 an empty VMM (as ``cloud-hypervisor --api-socket`` does) that waits for a
-``vm.receive-migration``.  The main thread only waits for the exit event; the
-vCPUs, the API server and migrations run in their own named threads.
+``vm.receive-migration``; ``chmig receive`` is an empty VMM that receives one
+migration at once.  The main thread only waits for the exit event; the vCPUs,
+the API server and the migration run in their own named threads.
+
+The VMM owns its migration (:class:`MigrationTask`): at most one at a time,
+on a thread of its own named after it, listed by ``vm.info`` while it runs,
+and cancelled (then joined) when the VMM shuts down.  The API request that
+started it only waits for its outcome, as ``ch-remote`` waits.  This module
+drives :mod:`chmig.send` and :mod:`chmig.receive`; they never call back here.
 """
 
 from __future__ import annotations
@@ -13,18 +20,59 @@ import logging
 import os
 import signal
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 if TYPE_CHECKING:
     from .api import ApiServer
 
 from . import __version__
-from .errors import UsageError, VmError
+from .channel import Observers
+from .errors import StuckThreadError, UsageError, VmError
 from .memory import GuestMemory
+from .receive import ReceiveOptions, Receiver
+from .send import SendOptions, Sender, new_stats, send_migration
 from .stats import MigrationStats
+from .threads import ThreadGroup
+from .transport import listen, parse_url
 from .vm import Serial, Vm, VmConfig, VmState
 
 log = logging.getLogger(__name__)
+
+
+class MigrationTask:
+    """One migration, run by the VMM on its own named thread; callers wait for its outcome."""
+
+    def __init__(self, kind: str, run: Callable[[], Any], cancel: Callable[[], None]) -> None:
+        self.kind = kind
+        self._run = run
+        self._cancel = cancel
+        self.threads = ThreadGroup(kind)
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+    def start(self) -> None:
+        self.threads.start(f"migration-{self.kind}", self._body, stopper=self._cancel)
+
+    def _body(self) -> None:
+        try:
+            self.result = self._run()
+        except BaseException as exc:  # handed to whoever waits (the API request, chmig receive)
+            self.error = exc
+        finally:
+            self.done.set()
+
+    def wait(self) -> Any:
+        """Block until the migration ended; return its result or raise its error."""
+        self.done.wait()
+        self.threads.join(timeout=10)
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def cancel(self, timeout: float = 30.0) -> None:
+        """Stop the migration (its connections are shut) and join its thread by ``timeout``."""
+        self.threads.close(timeout)
 
 
 class Vmm:
@@ -38,10 +86,12 @@ class Vmm:
         self.exit_code = 0
         #: Statistics of the last migration (sent or received), for vm.info.
         self.migration: MigrationStats | None = None
+        #: The migration in progress, if any (one at a time).
+        self.task: MigrationTask | None = None
+        #: Every migration's messages go to these observers (traces, walkthroughs).
+        self.observers = Observers()
         #: Set when the process should end once the current API reply is out.
         self.exit_after_reply = False
-        #: What is using the VM exclusively right now ("send-migration", ...), if anything.
-        self.busy: str | None = None
         #: Without an API there is nobody to ask what happened: a failed VM ends the process.
         self.exit_on_vm_failure = False
 
@@ -52,17 +102,12 @@ class Vmm:
         with self.lock:
             if self.vm is not None and self.vm.state != VmState.SHUTDOWN:
                 raise VmError("a VM already exists")
-            memory = GuestMemory.create(config.zones)
-            try:
-                vm = Vm(config, memory, Serial(self.serial_spec))
-            except BaseException:
-                memory.close()
-                raise
+            vm = Vm(config, GuestMemory.create(config.zones), Serial(self.serial_spec))
             vm.on_stop = self._vm_failed
             vm.boot()
             vm.start()
             self.vm = vm
-            log.info("VM booted: %d vCPUs, %d MiB, workload %s", config.cpus, memory.total_size >> 20,
+            log.info("VM booted: %d vCPUs, %d MiB, workload %s", config.cpus, vm.memory.total_size >> 20,
                      config.workload.kind)
             return vm
 
@@ -84,8 +129,8 @@ class Vmm:
         return self.vm
 
     def _require_idle(self, what: str) -> None:
-        if self.busy:
-            raise VmError(f"cannot {what}: a {self.busy} is in progress")
+        if self.task is not None:
+            raise VmError(f"cannot {what}: a {self.task.kind} is in progress")
 
     # -- API actions -----------------------------------------------------------------------------
 
@@ -97,6 +142,9 @@ class Vmm:
         info = vm.info()
         if self.migration is not None:
             info["migration"] = self.migration.to_json()
+        task = self.task
+        if task is not None:
+            info["migration_in_progress"] = task.kind
         return info
 
     def pause(self) -> None:
@@ -124,33 +172,56 @@ class Vmm:
             self._drop_vm()
             self.exit_after_reply = True
 
-    def send_migration(self, options: dict) -> dict:
-        """Run an outgoing migration; answer its statistics (Cloud Hypervisor answers 204, no body)."""
-        from . import send
+    def _run_task(self, task: MigrationTask, stats: MigrationStats) -> Any:
+        """Register ``task`` as this VMM's one migration (the caller checked it is idle), run it, wait."""
+        self.migration = stats
+        task.start()
+        try:
+            return task.wait()
+        except BaseException:
+            if not task.done.is_set():  # the waiter was interrupted (Ctrl-C): stop the migration too
+                task.cancel()
+            raise
+        finally:
+            with self.lock:
+                self.task = None
 
+    def send_migration(self, body: dict) -> dict:
+        """Run an outgoing migration; answer its statistics (Cloud Hypervisor answers 204, no body)."""
+        options = SendOptions.from_api(body)
         with self.lock:
             self._require_idle("send a migration")
             vm = self.require_vm()
             if vm.state not in (VmState.RUNNING, VmState.PAUSED):
                 raise VmError(f"cannot migrate a VM that is {vm.state}")
-            self.busy = "send-migration"
-        try:
-            return send.send_migration(self, send.SendOptions.from_api(options)).to_json()
-        finally:
-            self.busy = None
+            sender = Sender(vm, options, new_stats(options), self.observers)
+            self.task = MigrationTask("send-migration", lambda: send_migration(sender), sender.cancel)
+        stats = self._run_task(self.task, sender.stats)
+        if not options.preserve_source:
+            self.retire_vm()
+        return stats.to_json()
 
-    def receive_migration(self, options: dict) -> None:
-        from . import receive
-
+    def receive_migration(self, options: ReceiveOptions,
+                          on_listening: Callable[[str], None] | None = None) -> MigrationStats:
+        """Listen, receive one migration and adopt the VM it brings; return its statistics."""
         with self.lock:
             if self.vm is not None:
                 raise VmError("cannot receive a migration: this VMM already has a VM")
             self._require_idle("receive a migration")
-            self.busy = "receive-migration"
-        try:
-            receive.receive_into_vmm(self, receive.ReceiveOptions.from_api(options))
-        finally:
-            self.busy = None
+            listener = listen(parse_url(options.receiver_url), options.tls())
+            receiver = Receiver(listener, serial_spec=self.serial_spec, populate=options.populate,
+                                observers=self.observers)
+
+            def run() -> Vm:
+                with listener:
+                    return receiver.run()
+
+            self.task = MigrationTask("receive-migration", run, receiver.cancel)
+        log.info("waiting for a migration on %s", listener.address)
+        if on_listening is not None:
+            on_listening(str(listener.address))
+        self.adopt(self._run_task(self.task, receiver.stats))
+        return receiver.stats
 
     # -- the end ---------------------------------------------------------------------------------
 
@@ -158,10 +229,16 @@ class Vmm:
         """Stop the VM and release its KVM fds and memory."""
         if self.vm is not None:
             self.vm.close()
-            self.vm.memory.close()
             self.vm = None
 
     def close(self) -> None:
+        """Cancel the migration in progress (joining its thread), then drop the VM."""
+        task = self.task
+        if task is not None:
+            try:
+                task.cancel()
+            except StuckThreadError as exc:
+                log.error("shutting down: %s", exc)
         with self.lock:
             self._drop_vm()
 
@@ -215,6 +292,28 @@ def main_run(args: argparse.Namespace) -> int:
     try:
         server = start_api(vmm, args.api_socket)
     except BaseException:
+        vmm.close()
+        raise
+    return wait_for_exit(vmm, server)
+
+
+def main_receive(args: argparse.Namespace) -> int:
+    """``chmig receive --listen URL``: wait for one migration, then run the VM it brought."""
+    Serial(args.serial).close()  # a bad --serial is an error before anything listens
+    options = ReceiveOptions(receiver_url=args.listen, tls_dir=args.tls_dir)
+    options.validate()
+    vmm = Vmm(args.serial)
+    vmm.exit_on_vm_failure = not args.api_socket
+    server = start_api(vmm, args.api_socket)
+    try:
+        stats = vmm.receive_migration(
+            options, on_listening=lambda address: print(f"chmig receive: listening on {address}", flush=True))
+        print(f"chmig receive: {stats.summary()}", flush=True)
+        if args.exit_after_migration:
+            vmm.exit_event.set()
+    except BaseException:
+        if server is not None:
+            server.stop()
         vmm.close()
         raise
     return wait_for_exit(vmm, server)

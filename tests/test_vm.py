@@ -174,7 +174,7 @@ def test_state_and_memory_continue_in_a_new_process(make_vm: Callable[..., Vm], 
 
 
 def test_config_errors_are_clear() -> None:
-    with pytest.raises(UsageError, match="invalid size"):
+    with pytest.raises(UsageError, match="expected a byte size"):
         VmConfig.from_args("boot=1", "size=lots", [], None)
     with pytest.raises(UsageError, match="unknown workload"):
         VmConfig.from_args(None, None, [], "bitcoin")
@@ -249,8 +249,8 @@ def test_empty_vmm_and_remote_cli(procs: Processes) -> None:
 
 def test_bad_cli_input_is_one_clear_line(tmp_path: Path) -> None:
     for args, message in [
-        (["run", "--memory", "size=12Q"], "invalid size"),
-        (["run", "--workload", "verify,dirty_percent=x"], "dirty_percent must be a number"),
+        (["run", "--memory", "size=12Q"], "expected a byte size"),
+        (["run", "--workload", "verify,dirty_percent=x"], "dirty_percent='x': expected a non-negative integer"),
         (["run"], "nothing to run"),
         (["remote", "--api-socket", str(tmp_path / "none.sock"), "info"], "no API socket"),
         (["remote", "--api-socket", str(tmp_path / "none.sock"), "explode"], "unknown action"),

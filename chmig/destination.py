@@ -1,0 +1,187 @@
+"""Building a VM from a migration's parts — MemoryFds, Config, memory, State, Complete — with no socket.
+
+:class:`Destination` does the work of each destination step on payloads that
+were already read and parsed: the JSON bytes of Config and State, the slot
+and file descriptor of a MemoryFd.  The receiver (:mod:`chmig.receive`) feeds
+it from the main connection; a restore from a snapshot directory can feed it
+from files, in the same order, with the same checks.
+
+Everything a peer sends is validated before anything is allocated.  A bad
+input raises :class:`~chmig.errors.ProtocolError` (the peer's fault); a
+failure of this host (an fd that cannot be mapped, KVM refusing) raises
+:class:`~chmig.errors.MigrationError` naming the step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+from . import protocol as p
+from .errors import ChmigError, KvmError, MigrationError, ProtocolError, VmError
+from .memory import GuestMemory, GuestRamMapping, validate_layout
+from .vm import Serial, Vm, VmConfig
+
+log = logging.getLogger(__name__)
+
+
+class Destination:
+    """One VM being built from incoming parts; :meth:`complete` hands it over, :meth:`discard` drops it."""
+
+    def __init__(self, serial_spec: str = "off", limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+        self.serial_spec = serial_spec
+        self.limits = limits
+        self.vm: Vm | None = None
+        #: MemoryFds received so far, by slot (owned here until Config hands them to the zones).
+        self.memory_fds: dict[int, int] = {}
+        #: "local" when the memory arrived as MemoryFds, else "precopy".
+        self.mode = "precopy"
+        #: How long restoring State and resuming took (for the statistics).
+        self.restore_ms: float | None = None
+        self.resume_ms: float | None = None
+
+    @property
+    def memory(self) -> GuestMemory | None:
+        return self.vm.memory if self.vm is not None else None
+
+    def add_memory_fd(self, slot: int, fd: int) -> None:
+        """Step *MemoryFd*: keep ``fd`` (owned from now on) as the backing of ``slot``."""
+        if slot in self.memory_fds:
+            os.close(fd)
+            raise ProtocolError(f"a second MemoryFd for slot {slot}", where="MemoryFd")
+        if len(self.memory_fds) >= self.limits.max_slots:
+            os.close(fd)
+            raise ProtocolError(f"more than {self.limits.max_slots} MemoryFd requests", where="MemoryFd")
+        self.memory_fds[slot] = fd
+
+    def configure(self, payload: bytes) -> Vm:
+        """Step *Config*: validate the whole document, then allocate memory and build the (paused) VM."""
+        try:
+            document = json.loads(payload)
+            config = VmConfig.from_json(document["vm_config"])
+            mappings = [GuestRamMapping.from_json(m) for m in document["memory_manager_data"]["guest_ram_mappings"]]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ProtocolError(f"malformed Config: {exc!r}", where="Config") from None
+        except VmError as exc:
+            raise ProtocolError(f"unacceptable Config: {exc.message}", where="Config") from None
+        cpuid = self._check_cpuid(document.get("common_cpuid"))
+        try:
+            validate_layout(config.zones, mappings, self.limits.max_slots)
+        except VmError as exc:
+            raise ProtocolError(exc.message, where="Config") from None
+        fds_by_zone = self._zone_fds(config, mappings)
+        try:
+            memory = GuestMemory.adopt(config.zones, mappings, fds_by_zone)
+        except VmError as exc:
+            raise ProtocolError(exc.message, where="Config") from None
+        except OSError as exc:
+            raise MigrationError(f"cannot map guest memory: {exc}", where="Config") from None
+        try:
+            self.vm = Vm(config, memory, Serial(self.serial_spec), cpuid=cpuid)
+        except KvmError as exc:
+            raise MigrationError(f"cannot build the VM: {exc}", where="Config") from None
+        self.mode = "local" if fds_by_zone else "precopy"
+        return self.vm
+
+    def _check_cpuid(self, entries: object) -> list[dict] | None:
+        if entries is None:
+            return None
+        limit = self.limits.max_cpuid_entries
+        if not isinstance(entries, list) or len(entries) > limit:
+            raise ProtocolError(f"common_cpuid must be a list of at most {limit} entries", where="Config")
+        checked = []
+        for entry in entries:
+            if not isinstance(entry, dict):
+                raise ProtocolError("common_cpuid entries must be objects", where="Config")
+            try:
+                checked.append({k: int(entry.get(k, 0)) & 0xFFFFFFFF
+                                for k in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")})
+            except (TypeError, ValueError) as exc:
+                raise ProtocolError(f"malformed common_cpuid entry: {exc}", where="Config") from None
+        return checked
+
+    def _zone_fds(self, config: VmConfig, mappings: list[GuestRamMapping]) -> dict[str, int]:
+        """Match MemoryFds (by slot) to zones: every slot of a shared zone needs one, and one file."""
+        if not self.memory_fds:
+            return {}
+        by_zone: dict[str, int] = {}
+        slots = {m.slot: m for m in mappings}
+        try:
+            for slot, fd in list(self.memory_fds.items()):
+                if slot not in slots:
+                    raise ProtocolError(f"MemoryFd for slot {slot}, which the Config does not have", where="Config")
+                zone = slots[slot].zone_id
+                if zone in by_zone:
+                    if os.fstat(by_zone[zone]).st_ino != os.fstat(fd).st_ino:
+                        raise ProtocolError(f"slots of zone {zone!r} arrived as different files", where="Config")
+                    os.close(self.memory_fds.pop(slot))
+                else:
+                    by_zone[zone] = fd
+            for zone in config.zones:
+                if zone.id not in by_zone:
+                    raise ProtocolError(f"local migration without a MemoryFd for zone {zone.id!r}", where="Config")
+                if not zone.shared:
+                    raise ProtocolError(f"zone {zone.id!r} is private, but arrived as a MemoryFd", where="Config")
+        except BaseException:
+            self._close_memory_fds()
+            raise
+        # From here on the zones own the fds.
+        self.memory_fds = {}
+        return by_zone
+
+    def restore(self, payload: bytes) -> None:
+        """Step *State*: restore vCPUs and devices into the new VM, which stays paused."""
+        begin = time.monotonic()
+        vm = self._require_vm("State")
+        try:
+            state = json.loads(payload)
+        except ValueError as exc:
+            raise ProtocolError(f"State is not JSON: {exc}", where="State") from None
+        try:
+            vm.restore_state(state)
+        except (KvmError, VmError) as exc:
+            raise ProtocolError(f"unusable State: {exc}", where="State") from None
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ProtocolError(f"malformed State: {exc!r}", where="State") from None
+        vm.start(paused=True)
+        self.restore_ms = round((time.monotonic() - begin) * 1000, 3)
+
+    def complete(self, resume: bool) -> Vm:
+        """Step *Complete* (``resume``) or *CompletePaused*: the VM is ready to hand over."""
+        vm = self._require_vm("Complete")
+        if resume:
+            begin = time.monotonic()
+            vm.resume()
+            self.resume_ms = round((time.monotonic() - begin) * 1000, 3)
+        return vm
+
+    def take(self) -> Vm:
+        """Hand the finished VM to its new owner; this Destination forgets it."""
+        vm = self._require_vm("hand-over")
+        self.vm = None
+        return vm
+
+    def _require_vm(self, step: str) -> Vm:
+        if self.vm is None:
+            raise MigrationError("no VM was configured", where=step)
+        return self.vm
+
+    def _close_memory_fds(self) -> None:
+        for fd in self.memory_fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.memory_fds.clear()
+
+    def discard(self) -> None:
+        """Throw the half-built VM (and its memory) away, and close any MemoryFd not yet used."""
+        if self.vm is not None:
+            try:
+                self.vm.close()
+            except ChmigError as exc:
+                log.warning("discarding the VM: %s", exc)
+            self.vm = None
+        self._close_memory_fds()
