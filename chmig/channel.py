@@ -43,7 +43,8 @@ RECEIVED = "received"
 class Message:
     """One protocol message as it passed one connection, as observers see it."""
 
-    #: Wall-clock time (``time.time()``) when the message was fully sent or received.
+    #: Wall-clock time (``time.time()``): a sent message is reported just before it is written, a
+    #: received one once it was read whole, so across both ends every "sent" comes before its "received".
     time: float
     #: Which end saw it: ``source`` or ``destination``.
     side: str
@@ -203,15 +204,15 @@ class Channel:
     def send_role(self, role: p.ConnectionRole) -> None:
         """Announce what this additional connection is for (its first 2 bytes)."""
         wire = role.encode()
-        self.conn.write_all(wire)
         self._emit(SENT, "role", role.wire_name, 0, "", wire)
+        self.conn.write_all(wire)
 
     def send_request(self, request: p.Request, payload: bytes = b"") -> None:
         """One request and its payload (Config/State JSON; never guest memory) in one write."""
         header = request.encode()
-        self.conn.write_all(header + payload)
         self._emit(SENT, "request", request.command.wire_name, request.length, _request_summary(request, payload),
                    header)
+        self.conn.write_all(header + payload)
 
     def read_response(self, command: p.Command, requested: int = 0) -> p.Response:
         """The answer to ``command``, checked: only a PageFault's Ok may carry bytes."""
@@ -238,8 +239,8 @@ class Channel:
         """Protocol step *Memory* (sender): header, table, then every range's bytes; wait for Ok."""
         request = p.Request.memory(table.byte_length)
         header = request.encode()
-        self.conn.write_all(header + table.encode())
         self._emit(SENT, "request", "Memory", request.length, _request_summary(request, table=table), header)
+        self.conn.write_all(header + table.encode())
         for rng in table:
             for gpa, length in memory.split(rng):
                 with memory.view(gpa, length) as view:
@@ -251,9 +252,9 @@ class Channel:
         """Protocol step *MemoryFd* (local migration): the slot number with its memfd as SCM_RIGHTS; wait for Ok."""
         request = p.Request.memory_fd()
         header = request.encode()
+        self._emit(SENT, "request", "MemoryFd", request.length, _request_summary(request, slot=slot, fd=fd), header)
         self.conn.write_all(header)
         self.conn.send_fds(p.encode_memory_fd_slot(slot), [fd])
-        self._emit(SENT, "request", "MemoryFd", request.length, _request_summary(request, slot=slot, fd=fd), header)
         self.expect_ok(p.Command.MEMORY_FD)
 
     def request_page(self, page: p.MemoryRange, into: memoryview | None) -> int:
@@ -266,8 +267,8 @@ class Channel:
         p.check_page_fault_range(page, self.limits)
         request = p.Request.page_fault()
         header = request.encode()
-        self.conn.write_all(header + page.encode())
         self._emit(SENT, "request", "PageFault", request.length, _request_summary(request, page=page), header)
+        self.conn.write_all(header + page.encode())
         response = self.read_response(p.Command.PAGE_FAULT, page.length)
         if not response.is_ok:
             raise PeerError("the source answered Error", where=f"PageFault {page.gpa:#x}+{page.length:#x}")
@@ -279,8 +280,12 @@ class Channel:
 
     # -- the answering side ------------------------------------------------------------------------
 
-    def read_role(self, timeout: float) -> p.ConnectionRole:
-        """The 2-byte role of an additional connection, within ``timeout`` seconds."""
+    def read_role(self, timeout: float, naming: Callable[[p.ConnectionRole], str] | None = None) -> p.ConnectionRole:
+        """The 2-byte role of an additional connection, within ``timeout`` seconds.
+
+        ``naming`` gives the connection its name from its role (``memory-3``)
+        before the role is reported, so every message on it carries that name.
+        """
         self.conn.set_timeout(timeout)
         wire = self.conn.read_exact(p.ROLE_SIZE, what="connection role")
         try:
@@ -289,6 +294,8 @@ class Channel:
             self._emit(RECEIVED, "role", f"unknown role {int.from_bytes(wire, 'little')}", 0, "refused", wire)
             raise
         self.conn.set_timeout(None)
+        if naming is not None:
+            self.name = naming(role)
         self._emit(RECEIVED, "role", role.wire_name, 0, "", wire)
         return role
 
@@ -345,8 +352,8 @@ class Channel:
 
     def answer(self, response: p.Response, summary: str = "") -> None:
         header = response.encode()
-        self.conn.write_all(header)
         self._emit(SENT, "response", _status_name(response.status), response.length, summary, header)
+        self.conn.write_all(header)
 
     def answer_ok(self) -> None:
         self.answer(p.Response.ok())

@@ -138,7 +138,7 @@ class Acceptor:
         channel = Channel(conn, side=p.Side.DESTINATION, name="unannounced", observers=self.observers,
                           limits=self.limits)
         try:
-            role = channel.read_role(self.limits.role_timeout_s)
+            role = channel.read_role(self.limits.role_timeout_s, naming=self._name)
             handler = self.handlers.get(role)
             if handler is None:
                 raise ProtocolError(f"connection role {role.wire_name} is not expected here", where="connection role")
@@ -146,12 +146,16 @@ class Acceptor:
             log.warning("dropping additional connection %s: %s", conn.peer, exc.message)
             conn.close()
             return
+        conn.set_nodelay()
+        handler(channel)
+
+    def _name(self, role: p.ConnectionRole) -> str:
+        """``memory-0``, ``memory-1``, ``fault-0`` ...: numbered per role, in the order roles arrive."""
+        rule = p.connection_rule(role)
         with self._lock:
             index = self._per_role.get(role, 0)
             self._per_role[role] = index + 1
-        channel.name = f"{p.CONNECTION_RULES[role].name}-{index}"
-        conn.set_nodelay()
-        handler(channel)
+        return f"{rule.name}-{index}"
 
 
 class MemoryWorkers:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import pytest
 
 from chmig.api import ApiError
-from chmig.harness import ThrottledProxy
+from .proxy import ThrottledProxy
 
 from .conftest import Processes, VmmProcess, requires_kvm
 
