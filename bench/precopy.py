@@ -258,14 +258,13 @@ def hop_into_this_process(src, populate: bool, connections: int = 1) -> tuple[Vm
 
         sender = threading.Thread(target=send, name="bench-send", daemon=True)
         sender.start()
-        receiver = Receiver(listener, populate=populate)  # in the main thread: its Vm installs the kick handler
+        receiver = Receiver(listener, populate=populate)
         try:
             vm = receiver.run(accept_timeout=60)
         finally:
             sender.join(timeout=600)
     if "error" in answer:
-        vm.close()
-        vm.memory.close()
+        vm.close()  # with its memory
         raise RuntimeError(f"send-migration failed: {answer['error']}")
     src.wait_exit(60)
     start = _rounds(vm.info())
@@ -287,8 +286,7 @@ def hop_out_of_this_process(procs, vm: Vm) -> object:
         dst, url = procs.receive("tcp:127.0.0.1:0")
         Sender(vm, SendOptions(destination_url=url), MigrationStats(role="source", url=url)).run()
     finally:
-        vm.close()
-        vm.memory.close()
+        vm.close()  # with its memory
     arrived(dst, False, True)
     return dst
 

@@ -37,7 +37,6 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from .errors import ChmigError, UsageError, VmError
 from .options import parse_typed
-from .receive import ReceiveOptions
 
 if TYPE_CHECKING:
     from .vmm import Vmm
@@ -92,9 +91,11 @@ RECEIVE_MIGRATION_FIELDS: dict[str, type | tuple[type, ...]] = {
 }
 
 
-def _no_content(result: object) -> None:
-    """Cloud Hypervisor answers this action with 204 and no body, whatever it returned."""
-    return None
+def _receive_migration(vmm: Vmm, body: dict) -> None:
+    """Cloud Hypervisor answers receive-migration with 204 and no body."""
+    from .receive import ReceiveOptions  # here, so that `chmig remote` never loads the VM stack
+
+    vmm.receive_migration(ReceiveOptions.from_api(_fields(body, RECEIVE_MIGRATION_FIELDS, ("receiver_url",))))
 
 
 class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
@@ -157,9 +158,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             ("PUT", "vm.send-migration"): lambda body: vmm.send_migration(
                 _fields(body, SEND_MIGRATION_FIELDS, ("destination_url",))
             ),
-            ("PUT", "vm.receive-migration"): lambda body: _no_content(vmm.receive_migration(
-                ReceiveOptions.from_api(_fields(body, RECEIVE_MIGRATION_FIELDS, ("receiver_url",)))
-            )),
+            ("PUT", "vm.receive-migration"): lambda body: _receive_migration(vmm, body),
         }
 
 

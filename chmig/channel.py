@@ -11,8 +11,8 @@ Every message, sent or received, on every connection of a migration is
 reported to the :class:`Observers` registered on that migration as one
 :class:`Message`: connection name (``main``, ``memory-3``, ``fault-0``),
 direction, command or status, length, a payload summary and the header bytes.
-Traces, the walkthrough, the self-check and the fuzzer all read the protocol
-from there, so none of them re-implements it.
+Whatever shows the protocol — the self-check's printed trace today, trace
+files and walkthroughs later — reads it from there, so none re-implements it.
 
 Guest memory is never copied by Python: the sender hands ``sendall`` a
 ``memoryview`` of the guest mapping, the receiver ``recv_into``s straight into
@@ -30,13 +30,16 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 from . import protocol as p
-from .errors import PeerError, ProtocolError
+from .errors import PeerError, ProtocolError, TransportError, VmError
 from .transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
 
 SENT = "sent"
 RECEIVED = "received"
+
+#: How far ahead of the arriving data the receiver faults guest memory in (MADV_POPULATE_WRITE).
+POPULATE_AHEAD = 16 * p.MiB
 
 
 @dataclass(frozen=True)
@@ -305,8 +308,9 @@ class Channel:
         ``admit`` is the rule for this connection: the receiver state machine's
         ``begin`` on the main connection, :func:`chmig.protocol.check_connection_request`
         on an additional one; it raises ProtocolError to refuse.  Raises
-        :class:`~chmig.transport.ConnectionClosed` when the peer closed the
-        connection cleanly between requests.
+        :class:`~chmig.transport.ConnectionClosed` only when the peer closed the
+        connection cleanly between requests (a close inside a request is a
+        TransportError).
         """
         header = self.conn.read_exact(p.HEADER_SIZE, what="request header")
         try:
@@ -328,6 +332,13 @@ class Channel:
         return incoming
 
     def _read_payload(self, request: p.Request) -> IncomingRequest:
+        try:
+            return self._read_payload_of(request)
+        except ConnectionClosed as exc:  # the header came, its payload did not: data lost, not an ending
+            raise TransportError(f"the connection closed before the payload of {request.command.wire_name} "
+                                 f"({request.length} bytes)", where=self.peer) from exc
+
+    def _read_payload_of(self, request: p.Request) -> IncomingRequest:
         command, length = request.command, request.length
         if command is p.Command.MEMORY:
             table = p.MemoryRangeTable.decode(self.conn.read_exact(length, what="memory range table"))
@@ -373,14 +384,18 @@ class Channel:
                 continue
             try:
                 pieces.extend(memory.split(rng))
-            except Exception as exc:
+            except VmError as exc:
                 raise ProtocolError(f"range {rng.gpa:#x}+{rng.length:#x} is not inside guest RAM",
                                     where="Memory") from exc
         for gpa, length in pieces:
-            if populate:
-                memory.populate_range(gpa, length)
-            with memory.view(gpa, length) as view:
-                self.conn.read_exact_into(view, what=f"memory at {gpa:#x}")
+            # Populate only a window ahead of the data actually arriving: a table that covers all of RAM,
+            # followed by no data, must not commit all of RAM.
+            for offset in range(0, length, POPULATE_AHEAD):
+                window = min(POPULATE_AHEAD, length - offset)
+                if populate:
+                    memory.populate_range(gpa + offset, window)
+                with memory.view(gpa + offset, window) as view:
+                    self.conn.read_exact_into(view, what=f"memory at {gpa + offset:#x}")
         return table.total_bytes
 
     def serve_page_faults(self, memory: MemoryTarget) -> int:
@@ -405,7 +420,7 @@ class Channel:
             try:
                 p.check_page_fault_range(page, self.limits)
                 pieces = list(memory.split(page))
-            except Exception as exc:
+            except (ProtocolError, VmError) as exc:
                 self.answer_error(str(exc))
                 raise ProtocolError(f"page {page.gpa:#x}+{page.length:#x} refused: {exc}",
                                     where="PageFault") from None

@@ -14,14 +14,13 @@ failure of this host (an fd that cannot be mapped, KVM refusing) raises
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
 
 from . import protocol as p
 from .errors import ChmigError, KvmError, MigrationError, ProtocolError, VmError
-from .memory import GuestMemory, GuestRamMapping, validate_layout
+from .memory import GuestMemory, GuestRamMapping, host_available_memory, validate_layout
 from .vm import Serial, Vm, VmConfig
 
 log = logging.getLogger(__name__)
@@ -48,42 +47,60 @@ class Destination:
 
     def add_memory_fd(self, slot: int, fd: int) -> None:
         """Step *MemoryFd*: keep ``fd`` (owned from now on) as the backing of ``slot``."""
-        if slot in self.memory_fds:
+        try:
+            p.check_memory_fd(slot, self.memory_fds, self.limits)
+        except ProtocolError:
             os.close(fd)
-            raise ProtocolError(f"a second MemoryFd for slot {slot}", where="MemoryFd")
-        if len(self.memory_fds) >= self.limits.max_slots:
-            os.close(fd)
-            raise ProtocolError(f"more than {self.limits.max_slots} MemoryFd requests", where="MemoryFd")
+            raise
         self.memory_fds[slot] = fd
 
     def configure(self, payload: bytes) -> Vm:
         """Step *Config*: validate the whole document, then allocate memory and build the (paused) VM."""
+        document = p.decode_json_payload(payload, "Config", self.limits)
         try:
-            document = json.loads(payload)
             config = VmConfig.from_json(document["vm_config"])
             mappings = [GuestRamMapping.from_json(m) for m in document["memory_manager_data"]["guest_ram_mappings"]]
-        except (ValueError, KeyError, TypeError) as exc:
+            cpuid = self._check_cpuid(document.get("common_cpuid"))
+        except (ValueError, KeyError, TypeError, AttributeError, OverflowError) as exc:
             raise ProtocolError(f"malformed Config: {exc!r}", where="Config") from None
         except VmError as exc:
             raise ProtocolError(f"unacceptable Config: {exc.message}", where="Config") from None
-        cpuid = self._check_cpuid(document.get("common_cpuid"))
         try:
             validate_layout(config.zones, mappings, self.limits.max_slots)
         except VmError as exc:
             raise ProtocolError(exc.message, where="Config") from None
         fds_by_zone = self._zone_fds(config, mappings)
         try:
-            memory = GuestMemory.adopt(config.zones, mappings, fds_by_zone)
-        except VmError as exc:
-            raise ProtocolError(exc.message, where="Config") from None
-        except OSError as exc:
-            raise MigrationError(f"cannot map guest memory: {exc}", where="Config") from None
+            if not fds_by_zone:
+                self._check_fits_host(sum(z.size for z in config.zones))
+            serial = Serial(self.serial_spec)
+        except BaseException:
+            for fd in fds_by_zone.values():
+                os.close(fd)
+            raise
         try:
-            self.vm = Vm(config, memory, Serial(self.serial_spec), cpuid=cpuid)
+            memory = GuestMemory.adopt(config.zones, mappings, fds_by_zone)
+        except BaseException as exc:
+            serial.close()
+            if isinstance(exc, VmError):
+                raise ProtocolError(exc.message, where="Config") from None
+            if isinstance(exc, OSError):
+                raise MigrationError(f"cannot map guest memory: {exc}", where="Config") from None
+            raise
+        try:
+            self.vm = Vm(config, memory, serial, cpuid=cpuid)
         except KvmError as exc:
             raise MigrationError(f"cannot build the VM: {exc}", where="Config") from None
         self.mode = "local" if fds_by_zone else "precopy"
         return self.vm
+
+    @staticmethod
+    def _check_fits_host(size: int) -> None:
+        """Refuse RAM this host cannot give now, before allocating any (memory handed over as fds is not ours)."""
+        available = host_available_memory()
+        if available is not None and size > available:
+            raise MigrationError(f"guest RAM of {size >> 20} MiB does not fit this host "
+                                 f"({available >> 20} MiB available)", where="Config")
 
     def _check_cpuid(self, entries: object) -> list[dict] | None:
         if entries is None:
@@ -131,19 +148,43 @@ class Destination:
         self.memory_fds = {}
         return by_zone
 
+    def fill_from_file(self, gpa: int, length: int, fd: int, offset: int) -> None:
+        """Memory from a file instead of a connection (a restore): ``length`` bytes at ``offset`` into RAM.
+
+        The range is checked against guest RAM first; ``preadv`` reads straight
+        into the guest mapping, so Python copies nothing.
+        """
+        memory = self._require_vm("memory").memory
+        try:
+            pieces = list(memory.split(p.MemoryRange(gpa, length)))
+        except VmError as exc:
+            raise ProtocolError(exc.message, where="memory") from None
+        for piece_gpa, piece_length in pieces:
+            done = 0
+            with memory.view(piece_gpa, piece_length) as view:
+                while done < piece_length:
+                    got = os.preadv(fd, [view[done:]], offset + (piece_gpa - gpa) + done)
+                    if got == 0:
+                        raise MigrationError(f"the file ends before {length} bytes at offset {offset}",
+                                             where="memory")
+                    done += got
+
     def restore(self, payload: bytes) -> None:
-        """Step *State*: restore vCPUs and devices into the new VM, which stays paused."""
+        """Step *State*: restore vCPUs and devices into the new VM, which stays paused.
+
+        A State that KVM refuses to load counts as the peer's fault: the document
+        described vCPUs this host's KVM cannot take.
+        """
         begin = time.monotonic()
         vm = self._require_vm("State")
-        try:
-            state = json.loads(payload)
-        except ValueError as exc:
-            raise ProtocolError(f"State is not JSON: {exc}", where="State") from None
+        state = p.decode_json_payload(payload, "State", self.limits)
+        if not isinstance(state, dict):
+            raise ProtocolError("State must be a JSON object", where="State")
         try:
             vm.restore_state(state)
         except (KvmError, VmError) as exc:
             raise ProtocolError(f"unusable State: {exc}", where="State") from None
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as exc:
             raise ProtocolError(f"malformed State: {exc!r}", where="State") from None
         vm.start(paused=True)
         self.restore_ms = round((time.monotonic() - begin) * 1000, 3)

@@ -18,6 +18,7 @@ Python never copies guest memory on the data path: callers take a
 
 from __future__ import annotations
 
+import bisect
 import ctypes
 import ctypes.util
 import errno
@@ -29,7 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
 from .errors import UsageError, VmError
-from .protocol import MemoryRange, MemoryRangeTable
+from .protocol import DEFAULT_LIMITS, MemoryRange, MemoryRangeTable
 from .units import GiB, MiB, PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -47,18 +48,6 @@ _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 _libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 MADV_POPULATE_WRITE = 23
-
-
-def parse_size(text: str) -> int:
-    """``512M``, ``1G``, ``4096``, ``2K`` → bytes (Cloud Hypervisor's suffixes)."""
-    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-    text = text.strip()
-    try:
-        if text and text[-1].upper() in units:
-            return int(text[:-1]) * units[text[-1].upper()]
-        return int(text)
-    except ValueError:
-        raise UsageError(f"invalid size {text!r} (use e.g. 512M, 1G)") from None
 
 
 @dataclass(frozen=True)
@@ -118,11 +107,8 @@ def layout(zones: Iterable[ZoneConfig]) -> list[GuestRamMapping]:
     return mappings
 
 
-#: KVM slots one VM may use (Cloud Hypervisor's limit, and the MemoryFd cap of :class:`chmig.protocol.Limits`).
-MAX_SLOTS = 512
-
-
-def validate_layout(zones: list[ZoneConfig], mappings: list[GuestRamMapping], max_slots: int = MAX_SLOTS) -> None:
+def validate_layout(zones: list[ZoneConfig], mappings: list[GuestRamMapping],
+                    max_slots: int = DEFAULT_LIMITS.max_slots) -> None:
     """Check a layout (maybe a peer's) before anything is allocated; raise VmError naming the flaw."""
     sizes = {z.id: z.size for z in zones}
     if len(sizes) != len(zones):
@@ -221,6 +207,8 @@ class GuestMemory:
     def __init__(self, zones: list[Zone], mappings: list[GuestRamMapping]) -> None:
         self.zones = {z.config.id: z for z in zones}
         self.regions = sorted((Region(m, self.zones[m.zone_id]) for m in mappings), key=lambda r: r.gpa)
+        # Slot start addresses, for an O(log n) lookup: a peer's table may hold a million ranges.
+        self._starts = [r.gpa for r in self.regions]
 
     @classmethod
     def create(cls, zone_configs: list[ZoneConfig], fds: dict[str, int] | None = None) -> GuestMemory:
@@ -262,10 +250,10 @@ class GuestMemory:
 
     def region_of(self, gpa: int, length: int) -> Region:
         """The slot holding ``[gpa, gpa+length)`` whole, or a clear error — never a write outside RAM."""
-        for region in self.regions:
-            if region.gpa <= gpa < region.end:
-                if gpa + length > region.end:
-                    break
+        index = bisect.bisect_right(self._starts, gpa) - 1
+        if index >= 0:
+            region = self.regions[index]
+            if gpa < region.end and gpa + length <= region.end:
                 return region
         raise VmError(f"range {gpa:#x}+{length:#x} is not inside guest RAM", where="guest memory")
 
@@ -326,6 +314,18 @@ class GuestMemory:
         """Unmap every zone and close its fd (idempotent)."""
         for zone in self.zones.values():
             zone.close()
+
+
+def host_available_memory() -> int | None:
+    """``MemAvailable`` of this host in bytes (None if the kernel does not say)."""
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def _data_spans(fd: int, offset: int, size: int) -> list[tuple[int, int]]:

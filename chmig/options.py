@@ -464,9 +464,13 @@ class OptionParser:
         """CH ``convert::<Toggle>(key).unwrap_or(Toggle(default))``; a flag answers is_set."""
         if not self._requires_value.get(key, True):
             return True if self.is_set(key) else default
-        # Toggle gets the raw value in CH, quotes and all.
-        value = self._convert(key, lambda v: parse_toggle(v, key, what=self.what), dequoted=False)
+        value = self.toggle_or_none(key)
         return default if value is None else value
+
+    def toggle_or_none(self, key: str) -> bool | None:
+        """CH ``convert::<Toggle>(key)``: None when the key was not given (or given empty)."""
+        # Toggle gets the raw value in CH, quotes and all.
+        return self._convert(key, lambda v: parse_toggle(v, key, what=self.what), dequoted=False)
 
     def integer(
         self,
@@ -532,9 +536,7 @@ def parse_typed(
         value: bool | int | float | str | None
         if kind is bool:  # before int: bool is a subclass of int
             # Not toggle(): that needs a default, and here "not given" must stay None.
-            value = parser._convert(
-                key, lambda v, k=key: parse_toggle(v, k, what=what), dequoted=False
-            )
+            value = parser.toggle_or_none(key)
         elif kind is int:
             value = parser.integer(key)
         elif kind is float:

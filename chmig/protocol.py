@@ -60,9 +60,11 @@ PageFault requests from the destination to the source.
 from __future__ import annotations
 
 import enum
+import json
+import math
 import struct
 from dataclasses import dataclass, field
-from typing import Iterable, Iterator
+from typing import Any, Collection, Iterable, Iterator
 
 from .errors import InternalError, ProtocolError
 from .units import GiB, KiB, MiB, PAGE_SIZE  # noqa: F401 - re-exported: the protocol's vocabulary
@@ -93,6 +95,11 @@ _SLOT = struct.Struct("<I")
 _U64_MAX = (1 << 64) - 1
 
 
+def _limit(default: int | float, doc: str) -> Any:
+    """A field of :class:`Limits` with its explanation (drawn into docs/protocol.md)."""
+    return field(default=default, metadata={"doc": doc})
+
+
 @dataclass(frozen=True)
 class Limits:
     """Every bound on what a peer may make chmig read, allocate, open or wait for.
@@ -101,24 +108,18 @@ class Limits:
     payload is read, a count before the next item is kept.
     """
 
-    #: Largest Config payload (JSON) accepted.
-    max_config_bytes: int = 64 * MiB
-    #: Largest State payload (JSON) accepted.
-    max_state_bytes: int = 64 * MiB
-    #: Largest MemoryRangeTable accepted in one Memory request (1 Mi ranges).
-    max_table_bytes: int = 16 * MiB
-    #: Largest range one PageFault may ask for.
-    max_page_fault_bytes: int = 1 * GiB
-    #: Additional connections accepted per migration (``connections=N``, N in 1..128).
-    max_connections: int = 128
-    #: RAM slots of one VM; also the most MemoryFd requests one migration may send.
-    max_slots: int = 512
-    #: Entries of ``common_cpuid`` in a Config.
-    max_cpuid_entries: int = 1024
-    #: How long a receiver waits for the 2-byte role of an additional connection.
-    role_timeout_s: float = 10.0
-    #: How long a postcopy destination waits for the source's Fault connection.
-    fault_connection_wait_s: float = 30.0
+    max_config_bytes: int = _limit(64 * MiB, "largest Config payload (JSON)")
+    max_state_bytes: int = _limit(64 * MiB, "largest State payload (JSON)")
+    max_table_bytes: int = _limit(16 * MiB, "largest MemoryRangeTable in one Memory request (1 Mi ranges)")
+    max_page_fault_bytes: int = _limit(1 * GiB, "largest range one PageFault may ask for")
+    max_connections: int = _limit(128, "additional connections per migration (connections=N, N in 1..128)")
+    max_slots: int = _limit(512, "RAM slots of one VM, and so MemoryFd requests of one migration")
+    max_cpuid_entries: int = _limit(1024, "entries of common_cpuid in a Config")
+    role_timeout_s: float = _limit(10.0, "wait for the 2-byte role of an additional connection")
+    fault_connection_wait_s: float = _limit(30.0, "wait of a postcopy destination for the source's Fault connection")
+    workers_finish_s: float = _limit(30.0, "wait at State for the source to close its memory connections")
+    max_json_containers: int = _limit(100_000, "objects and arrays in one Config or State (a real one has hundreds)")
+    max_json_values: int = _limit(2_000_000, "values in one Config or State, counted by their separators")
 
 
 DEFAULT_LIMITS = Limits()
@@ -479,9 +480,50 @@ class MemoryRangeTable:
             yield MemoryRangeTable(chunk[::-1])
 
 
+def _refuse_constant(name: str) -> float:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:32]} is out of range")
+    return value
+
+
+def decode_json_payload(payload: bytes, what: str, limits: Limits = DEFAULT_LIMITS) -> object:
+    """Config or State JSON, parsed at a cost bounded by its size: finite numbers, bounded nesting and counts.
+
+    The counts are taken on the raw bytes before parsing (brackets inside strings
+    count too, which only makes the bound stricter), so a payload of a million
+    empty objects is refused before it can cost hundreds of megabytes.
+    """
+    containers = payload.count(b"[") + payload.count(b"{")
+    if containers > limits.max_json_containers:
+        raise ProtocolError(f"{what} has {containers} objects and arrays, more than {limits.max_json_containers}",
+                            where=what)
+    values = payload.count(b",") + payload.count(b":")
+    if values > limits.max_json_values:
+        raise ProtocolError(f"{what} has {values} values, more than {limits.max_json_values}", where=what)
+    try:
+        return json.loads(payload, parse_constant=_refuse_constant, parse_float=_finite_float)
+    except RecursionError:
+        raise ProtocolError(f"{what} is nested too deeply", where=what) from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed {what}: not valid JSON: {exc}", where=what) from None
+
+
 def encode_memory_fd_slot(slot: int) -> bytes:
     """MemoryFd's 4-byte payload."""
     return _SLOT.pack(slot)
+
+
+def check_memory_fd(slot: int, received: Collection[int], limits: Limits = DEFAULT_LIMITS) -> None:
+    """Protocol step *MemoryFd*: one per slot, at most ``max_slots`` of them."""
+    if slot in received:
+        raise ProtocolError(f"a second MemoryFd for slot {slot}", where="MemoryFd")
+    if len(received) >= limits.max_slots:
+        raise ProtocolError(f"more than {limits.max_slots} MemoryFd requests", where="MemoryFd")
 
 
 def decode_memory_fd_slot(data: bytes) -> int:
@@ -636,14 +678,11 @@ class SourceMachine:
 
     def check_send(self, command: Command) -> ReceiverState:
         """May the source send ``command`` now?  Returns the state Ok will lead to."""
-        if command is _C.ABANDON and self.state not in FINAL_STATES:
-            return _S.ABORTED
-        target = RECEIVER_TRANSITIONS.get((self.state, command))
-        if target is None:
-            raise InternalError(
-                f"the source tried to send {command.wire_name} in state {self.state.value}", where="source"
-            )
-        return target
+        try:
+            return next_receiver_state(self.state, command)
+        except ProtocolError as exc:
+            raise InternalError(f"the source tried to send {command.wire_name}: {exc.message}",
+                                where="source") from None
 
     def acknowledged(self, command: Command) -> ReceiverState:
         """The destination answered ``command`` with Ok: both sides move on."""
@@ -763,7 +802,7 @@ def limits_table(limits: Limits = DEFAULT_LIMITS) -> str:
     """Every field of :class:`Limits` with its default, as a Markdown table."""
     import dataclasses
 
-    rows = ["| limit | default |", "|---|---|"]
+    rows = ["| limit | default | bounds |", "|---|---|---|"]
     for f in dataclasses.fields(limits):
         value = getattr(limits, f.name)
         if isinstance(value, int) and value >= MiB and value % MiB == 0:
@@ -771,8 +810,8 @@ def limits_table(limits: Limits = DEFAULT_LIMITS) -> str:
         elif f.name.endswith("_s"):
             shown = f"{value:g} s"
         else:
-            shown = str(value)
-        rows.append(f"| `{f.name}` | {shown} |")
+            shown = f"{value:,}"
+        rows.append(f"| `{f.name}` | {shown} | {f.metadata.get('doc', '')} |")
     return "\n".join(rows)
 
 

@@ -47,10 +47,6 @@ from .vm import Vm
 
 log = logging.getLogger(__name__)
 
-#: How long the destination waits at State for the sender to close its memory connections.
-WORKERS_FINISH_S = 30.0
-
-
 @dataclass
 class ReceiveOptions:
     """``VmReceiveMigrationData``, and the same options from ``chmig receive``."""
@@ -72,7 +68,10 @@ class ReceiveOptions:
             parse_url(self.receiver_url)
         except TransportError as exc:
             raise UsageError(f"receiver_url {exc}") from None
-        if (self.memory_mode or "precopy").lower() != "precopy":
+        mode = (self.memory_mode or "precopy").lower()
+        if mode not in ("precopy", "postcopy"):
+            raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}")
+        if mode == "postcopy":
             raise UsageError("memory_mode=postcopy is not implemented yet")
 
     def tls(self) -> TlsConfig | None:
@@ -83,7 +82,9 @@ class ReceiveOptions:
 # Additional connections: one acceptor, one handler per role
 # ---------------------------------------------------------------------------------------------
 
-RoleHandler = Callable[[Channel], None]
+#: A role's handler owns the channel it is given; it returns True when it handed the channel on to
+#: another owner (which then stops and closes it), so the acceptor's thread group forgets it.
+RoleHandler = Callable[[Channel], bool | None]
 
 
 class Acceptor:
@@ -147,7 +148,8 @@ class Acceptor:
             conn.close()
             return
         conn.set_nodelay()
-        handler(channel)
+        if handler(channel):
+            self.threads.release(conn.shutdown)
 
     def _name(self, role: p.ConnectionRole) -> str:
         """``memory-0``, ``memory-1``, ``fault-0`` ...: numbered per role, in the order roles arrive."""
@@ -186,11 +188,18 @@ class MemoryWorkers:
                 channel.answer_ok()
         except ChmigError as exc:
             log.error("dropping additional connection %s (%s): %s", channel.name, channel.peer, exc)
-            with self._lock:
-                self.errors.append(str(exc))
+            self._failed(str(exc))
             channel.answer_error(exc.message)
+        except Exception as exc:
+            log.exception("bug in chmig on %s; answering Error", channel.name)
+            self._failed(f"internal error on {channel.name}: {exc!r}")
+            channel.answer_error("internal error")
         finally:
             channel.close()
+
+    def _failed(self, error: str) -> None:
+        with self._lock:
+            self.errors.append(error)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +274,7 @@ class Receiver:
             self.stats.finish("abandoned", "the sender abandoned the migration")
             log.warning(self.stats.summary())
             raise MigrationError("the sender abandoned the migration", where="receive")
-        self._close_threads()
+        self._close_fault_connections()
         self.stats.restore_ms = self.destination.restore_ms
         self.stats.resume_ms = self.destination.resume_ms
         self.stats.finish("completed")
@@ -318,6 +327,11 @@ class Receiver:
         assert incoming.slot is not None and incoming.fd is not None
         self.destination.add_memory_fd(incoming.slot, incoming.fd)
 
+    def _hand_over_fault_connection(self, channel: Channel) -> bool:
+        """A Fault connection waits here for the migration to take it (``fault_tx`` in Cloud Hypervisor)."""
+        self.fault_connections.put(channel)
+        return True
+
     def on_config(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Config*: build the VM; from now on accept additional connections."""
         vm = self.destination.configure(incoming.payload)
@@ -326,7 +340,7 @@ class Receiver:
         self.workers = MemoryWorkers(vm.memory, self.stats, self.populate, self.limits)
         handlers: dict[p.ConnectionRole, RoleHandler] = {
             p.ConnectionRole.PRECOPY_MEMORY: self.workers,
-            p.ConnectionRole.FAULT: self.fault_connections.put,
+            p.ConnectionRole.FAULT: self._hand_over_fault_connection,
         }
         Acceptor(self.listener, handlers, self.threads, self.observers, self.limits).start()
 
@@ -359,24 +373,26 @@ class Receiver:
     def _finish_workers(self) -> None:
         """Stop accepting, then give the sender's memory connections time to end (it closes them)."""
         self.listener.abort()
-        stuck = self.threads.wait(WORKERS_FINISH_S)
+        stuck = self.threads.wait(self.limits.workers_finish_s)
         if stuck:
-            log.warning("memory connections still open at State after %.0f s: %s", WORKERS_FINISH_S,
+            log.warning("memory connections still open at State after %.0f s: %s", self.limits.workers_finish_s,
                         ", ".join(stuck))
         self._close_threads()
 
     def _close_threads(self) -> None:
-        """Stop the acceptor and every connection thread; close Fault connections nobody took."""
+        """Stop the acceptor and every connection thread (a thread that does not stop is an error)."""
         try:
             self.threads.close(timeout=10)
         except StuckThreadError as exc:
             raise MigrationError(str(exc), where="receive") from None
-        finally:
-            while True:
-                try:
-                    self.fault_connections.get_nowait().close()
-                except queue.Empty:
-                    break
+
+    def _close_fault_connections(self) -> None:
+        """Close the Fault connections nobody took (Cloud Hypervisor closes an unused one when the receive ends)."""
+        while True:
+            try:
+                self.fault_connections.get_nowait().close()
+            except queue.Empty:
+                return
 
     def cancel(self) -> None:
         """Stop this migration from another thread: the listener and every connection are shut."""
@@ -390,9 +406,11 @@ class Receiver:
         """Throw the half-built VM away and stop every thread this migration started."""
         try:
             self._close_threads()
-        except ChmigError as exc:
+        except Exception as exc:  # the VM must be discarded whatever went wrong with the threads
             log.error("discarding the migration: %s", exc)
-        self.destination.discard()
+        finally:
+            self._close_fault_connections()
+            self.destination.discard()
 
 
 #: Which step function handles which command (the state machine already allowed it).

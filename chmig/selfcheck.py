@@ -20,6 +20,7 @@ from typing import Callable, Iterator
 from . import protocol as p
 from .channel import SENT, Channel, IncomingRequest, Message, Observers
 from .errors import ChmigError, VmError
+from .threads import ThreadGroup
 from .transport import connect, listen, parse_url
 from .units import MiB
 
@@ -121,14 +122,13 @@ def run(url: str = "tcp:127.0.0.1:0", emit: Callable[[str], None] = print) -> bo
             except BaseException as exc:  # reported by the owner below
                 errors.append(exc)
 
-        thread = threading.Thread(target=destination, name="selfcheck-destination")
-        thread.start()
+        threads = ThreadGroup("selfcheck")
+        threads.start("selfcheck-destination", destination, stopper=listener.abort)
         try:
             with Channel(connect(listener.address), side=p.Side.SOURCE, observers=observers) as channel:
                 _send(channel, source_memory)
         finally:
-            listener.abort()
-            thread.join(timeout=30)
+            threads.close(timeout=30)
     if errors:
         raise errors[0]
     intact = all(dest_memory.data[gpa : gpa + length] == source_memory.data[gpa : gpa + length]

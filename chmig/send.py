@@ -170,6 +170,9 @@ class MemorySender:
                 log.error("%s: %s", threading.current_thread().name, exc)
                 if self._error is None:
                     self._error = exc
+                    # Wake the other workers out of their sends: the migration has failed, nobody may
+                    # wait for their chunks.
+                    self.threads.stop()
             finally:
                 self._queue.task_done()
 
@@ -210,6 +213,11 @@ class Sender:
         self.memory_sender: MemorySender | None = None
         self._cancelled = threading.Event()
 
+    @property
+    def cancelled(self) -> bool:
+        """An operator (or the VMM shutting down) cancelled this migration."""
+        return self._cancelled.is_set()
+
     def run(self) -> None:
         """Migrate; on failure before hand-over, leave the VM as it was and raise."""
         options = self.options
@@ -236,8 +244,9 @@ class Sender:
         self._cancelled.set()
         if self.channel is not None:
             self.channel.shutdown()
-        if self.memory_sender is not None:
-            self.memory_sender.threads.stop()
+        memory_sender = self.memory_sender
+        if memory_sender is not None:
+            memory_sender.threads.stop()
 
     def _request_ok(self, request: p.Request, payload: bytes = b"") -> None:
         """One step of the main connection, as the table allows it: send, require Ok, move on."""
@@ -258,6 +267,8 @@ class Sender:
         else:
             assert self.channel is not None
             self.memory_sender = MemorySender(self.channel, vm.memory, self.options, self.observers)
+            if self.cancelled:  # cancel() may have run before the memory sender existed
+                raise MigrationError("the migration was cancelled", where="send")
             self.memory_sender.open()
             self._precopy()
         capture_begin = time.monotonic()
@@ -299,6 +310,8 @@ class Sender:
         last_log_read = time.monotonic()
         number = 0
         while True:
+            if self.cancelled:
+                raise MigrationError("the migration was cancelled", where=f"precopy iteration {number}")
             begin = time.monotonic()
             if number == 0:
                 table = vm.memory.populated_table()
@@ -311,6 +324,7 @@ class Sender:
             if self._converged(table, estimated):
                 break
             transfer_begin = time.monotonic()
+            self.machine.check_send(p.Command.MEMORY)  # on whichever connection, Memory belongs after Config
             self.memory_sender.send(table)
             duration = time.monotonic() - transfer_begin
             bandwidth = table.total_bytes / max(duration, 1e-6)
@@ -323,6 +337,7 @@ class Sender:
         final_dirty_rate = final.total_bytes / max(final_begin - last_log_read, 1e-6)
         final.extend(remaining)
         vm.stop_dirty_log()
+        self.machine.check_send(p.Command.MEMORY)
         self.memory_sender.send(final)
         # Close the workers now: the destination waits for them to end before it restores State.
         self.memory_sender.close()
@@ -406,7 +421,7 @@ def send_migration(sender: Sender) -> MigrationStats:
     try:
         sender.run()
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, ConvergenceError) or sender._cancelled.is_set() else "failed"
+        status = "cancelled" if isinstance(exc, ConvergenceError) or sender.cancelled else "failed"
         stats.finish(status, str(exc))
         log.warning(stats.summary())
         raise

@@ -43,26 +43,23 @@ class ThreadGroup:
         with self._lock:
             if self.stopping.is_set():
                 raise RuntimeError(f"{self.name}: cannot start {name}: the group is stopping")
+            # Started under the lock, so wait() never sees a thread that is listed but not yet started.
+            thread.start()
             self._threads.append(thread)
             if stopper is not None:
                 self._stoppers.append(stopper)
-        thread.start()
         return thread
 
-    def add_stopper(self, stopper: Stopper) -> None:
-        """One more way to stop the group's threads (e.g. a connection a thread will block on)."""
+    def release(self, stopper: Stopper) -> None:
+        """Forget ``stopper``: what it would stop was handed to another owner (e.g. a Fault connection)."""
         with self._lock:
-            self._stoppers.append(stopper)
-        if self.stopping.is_set():
-            _call(stopper, self.name)
+            if stopper in self._stoppers:
+                self._stoppers.remove(stopper)
 
     def alive(self) -> list[str]:
         """Names of the threads still running."""
         with self._lock:
             return [t.name for t in self._threads if t.is_alive()]
-
-    def __len__(self) -> int:
-        return len(self.alive())
 
     def stop(self) -> None:
         """Tell every thread to stop (idempotent; does not wait)."""

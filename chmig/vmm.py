@@ -7,7 +7,8 @@ migration at once.  The main thread only waits for the exit event; the vCPUs,
 the API server and the migration run in their own named threads.
 
 The VMM owns its migration (:class:`MigrationTask`): at most one at a time,
-on a thread of its own named after it, listed by ``vm.info`` while it runs,
+on a thread of its own named after it, shown by ``vm.info`` while it runs (a
+send; a receive has no VM to show yet), cancelled by ``vm.cancel-migration``,
 and cancelled (then joined) when the VMM shuts down.  The API request that
 started it only waits for its outcome, as ``ch-remote`` waits.  This module
 drives :mod:`chmig.send` and :mod:`chmig.receive`; they never call back here.
@@ -102,7 +103,13 @@ class Vmm:
         with self.lock:
             if self.vm is not None and self.vm.state != VmState.SHUTDOWN:
                 raise VmError("a VM already exists")
-            vm = Vm(config, GuestMemory.create(config.zones), Serial(self.serial_spec))
+            serial = Serial(self.serial_spec)
+            try:
+                memory = GuestMemory.create(config.zones)
+            except BaseException:
+                serial.close()
+                raise
+            vm = Vm(config, memory, serial)
             vm.on_stop = self._vm_failed
             vm.boot()
             vm.start()
@@ -169,22 +176,30 @@ class Vmm:
     def retire_vm(self) -> None:
         """The VM now lives elsewhere: drop it here, and end the process once the API has replied."""
         with self.lock:
-            self._drop_vm()
             self.exit_after_reply = True
+            self._drop_vm()
 
-    def _run_task(self, task: MigrationTask, stats: MigrationStats) -> Any:
-        """Register ``task`` as this VMM's one migration (the caller checked it is idle), run it, wait."""
-        self.migration = stats
-        task.start()
+    def _run_task(self, task: MigrationTask, on_success: Callable[[Any], None]) -> Any:
+        """Run ``task`` (already registered as ``self.task``) and wait for it.
+
+        ``on_success`` hands the VM over (retire it here, or adopt the one that
+        arrived) under the lock *before* the task is cleared, so no pause,
+        resume or second migration can slip in between.
+        """
         try:
-            return task.wait()
+            task.start()
+            result = task.wait()
+            with self.lock:
+                on_success(result)
+            return result
         except BaseException:
             if not task.done.is_set():  # the waiter was interrupted (Ctrl-C): stop the migration too
                 task.cancel()
             raise
         finally:
             with self.lock:
-                self.task = None
+                if self.task is task:
+                    self.task = None
 
     def send_migration(self, body: dict) -> dict:
         """Run an outgoing migration; answer its statistics (Cloud Hypervisor answers 204, no body)."""
@@ -195,11 +210,14 @@ class Vmm:
             if vm.state not in (VmState.RUNNING, VmState.PAUSED):
                 raise VmError(f"cannot migrate a VM that is {vm.state}")
             sender = Sender(vm, options, new_stats(options), self.observers)
-            self.task = MigrationTask("send-migration", lambda: send_migration(sender), sender.cancel)
-        stats = self._run_task(self.task, sender.stats)
-        if not options.preserve_source:
-            self.retire_vm()
-        return stats.to_json()
+            self.migration = sender.stats
+            self.task = task = MigrationTask("send-migration", lambda: send_migration(sender), sender.cancel)
+
+        def hand_over(stats: MigrationStats) -> None:
+            if not options.preserve_source:
+                self.retire_vm()
+
+        return self._run_task(task, hand_over).to_json()
 
     def receive_migration(self, options: ReceiveOptions,
                           on_listening: Callable[[str], None] | None = None) -> MigrationStats:
@@ -211,25 +229,35 @@ class Vmm:
             listener = listen(parse_url(options.receiver_url), options.tls())
             receiver = Receiver(listener, serial_spec=self.serial_spec, populate=options.populate,
                                 observers=self.observers)
-
-            def run() -> Vm:
-                with listener:
-                    return receiver.run()
-
-            self.task = MigrationTask("receive-migration", run, receiver.cancel)
-        log.info("waiting for a migration on %s", listener.address)
-        if on_listening is not None:
-            on_listening(str(listener.address))
-        self.adopt(self._run_task(self.task, receiver.stats))
+            self.migration = receiver.stats
+            self.task = task = MigrationTask("receive-migration", receiver.run, receiver.cancel)
+        try:
+            log.info("waiting for a migration on %s", listener.address)
+            if on_listening is not None:
+                on_listening(str(listener.address))
+            self._run_task(task, self.adopt)
+        finally:
+            listener.close()
+            with self.lock:
+                if self.task is task:
+                    self.task = None
         return receiver.stats
+
+    def cancel_migration(self) -> None:
+        """Stop the migration in progress (an operator's request); its caller gets the error."""
+        task = self.task
+        if task is None:
+            raise VmError("no migration is in progress")
+        log.warning("cancelling the %s in progress", task.kind)
+        task.cancel()
 
     # -- the end ---------------------------------------------------------------------------------
 
     def _drop_vm(self) -> None:
-        """Stop the VM and release its KVM fds and memory."""
-        if self.vm is not None:
-            self.vm.close()
-            self.vm = None
+        """Stop the VM and release its KVM fds and memory (the VM is gone here even if that fails)."""
+        vm, self.vm = self.vm, None
+        if vm is not None:
+            vm.close()
 
     def close(self) -> None:
         """Cancel the migration in progress (joining its thread), then drop the VM."""

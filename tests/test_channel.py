@@ -210,7 +210,7 @@ def test_an_answer_with_a_payload_is_a_protocol_error() -> None:
 
 def test_the_source_follows_the_table() -> None:
     machine = p.SourceMachine()
-    with pytest.raises(InternalError, match="tried to send Config in state Established"):
+    with pytest.raises(InternalError, match="tried to send Config: can.t handle command Config in receive state Established"):
         machine.check_send(p.Command.CONFIG)
     assert machine.acknowledged(p.Command.START) is p.ReceiverState.STARTED
     assert machine.check_send(p.Command.ABANDON) is p.ReceiverState.ABORTED

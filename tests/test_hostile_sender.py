@@ -53,8 +53,7 @@ class Peer:
     def _run(self) -> None:
         try:
             vm = self.receiver.run(accept_timeout=20)
-            vm.close()
-            vm.memory.close()
+            vm.close()  # with its memory
         except BaseException as exc:
             self.error = exc
 

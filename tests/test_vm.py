@@ -48,8 +48,7 @@ def make_vm() -> Iterator[Callable[..., Vm]]:
 
     yield make
     for vm in vms:
-        vm.close()
-        vm.memory.close()
+        vm.close()  # with its memory
 
 
 def rounds(vm: Vm) -> int:
