@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test bench demo selfcheck guest docs clean
+.PHONY: install test bench demo selfcheck guest docs clean fuzz
 
 # One command on a fresh machine: a venv with chmig (editable) and the test tools.
 install: $(VENV)/.installed
@@ -21,6 +21,12 @@ bench: install
 
 demo: install
 	$(PY) -m chmig demo
+
+# The hostile-peer fuzzers (fuzz/): the migration wire and the API socket; CASES cases, SEED seed.
+CASES ?= 1000
+SEED  ?= 1
+fuzz: install
+	$(PY) -m fuzz --cases $(CASES) --seed $(SEED)
 
 selfcheck: install
 	$(PY) -m chmig selfcheck

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 from . import protocol as p
-from .errors import PeerError, ProtocolError, TransportError, VmError
+from .errors import PeerError, PeerSilent, ProtocolError, TransportError, VmError
 from .transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -190,6 +190,8 @@ class Channel:
         self.name = name
         self.observers = observers if observers is not None else Observers()
         self.limits = limits
+        #: How long the peer may stay silent once a message has begun (None: forever).
+        self.stall_timeout: float | None = None
 
     def __repr__(self) -> str:
         return f"<Channel {self.side} {self.name} {self.conn.peer}>"
@@ -296,13 +298,14 @@ class Channel:
         except ProtocolError:
             self._emit(RECEIVED, "role", f"unknown role {int.from_bytes(wire, 'little')}", 0, "refused", wire)
             raise
-        self.conn.set_timeout(None)
+        self.conn.set_timeout(self.stall_timeout)
         if naming is not None:
             self.name = naming(role)
         self._emit(RECEIVED, "role", role.wire_name, 0, "", wire)
         return role
 
-    def read_request(self, admit: Callable[[p.Request], object]) -> IncomingRequest:
+    def read_request(self, admit: Callable[[p.Request], object],
+                     idle_timeout: float | None = None) -> IncomingRequest:
         """The next request, admitted by ``admit`` *before* its payload is read, then its payload.
 
         ``admit`` is the rule for this connection: the receiver state machine's
@@ -310,9 +313,11 @@ class Channel:
         on an additional one; it raises ProtocolError to refuse.  Raises
         :class:`~chmig.transport.ConnectionClosed` only when the peer closed the
         connection cleanly between requests (a close inside a request is a
-        TransportError).
+        TransportError), and :class:`~chmig.errors.PeerSilent` when no request
+        began within ``idle_timeout`` seconds (None: wait forever).  Inside the
+        request the peer may be silent for at most :attr:`stall_timeout`.
         """
-        header = self.conn.read_exact(p.HEADER_SIZE, what="request header")
+        header = self._read_header(idle_timeout)
         try:
             request = p.Request.decode(header)
         except ProtocolError as exc:
@@ -330,6 +335,26 @@ class Channel:
                    _request_summary(request, incoming.payload, incoming.table, incoming.slot, incoming.fd,
                                     incoming.page), header)
         return incoming
+
+    def _read_header(self, idle_timeout: float | None) -> bytes:
+        """The first byte may take ``idle_timeout``; the rest of the header only ``stall_timeout``."""
+        header = bytearray(p.HEADER_SIZE)
+        self.conn.set_timeout(idle_timeout)
+        try:
+            self.conn.read_exact_into(memoryview(header)[:1], what="request header")
+        except ConnectionClosed:
+            raise
+        except TransportError as exc:
+            if isinstance(exc.__cause__, TimeoutError):
+                raise PeerSilent(f"no request for {idle_timeout:g} s", where=self.peer) from exc
+            raise
+        finally:
+            self.conn.set_timeout(self.stall_timeout)
+        try:
+            self.conn.read_exact_into(memoryview(header)[1:], what="request header")
+        except ConnectionClosed as exc:
+            raise TransportError("the connection closed inside a request header", where=self.peer) from exc
+        return bytes(header)
 
     def _read_payload(self, request: p.Request) -> IncomingRequest:
         try:
@@ -434,6 +459,11 @@ class Channel:
 
     def set_nodelay(self) -> None:
         self.conn.set_nodelay()
+
+    def set_timeout(self, seconds: float | None) -> None:
+        """Bound the silence of every later read and write (the source's answer waits)."""
+        self.stall_timeout = seconds
+        self.conn.set_timeout(seconds)
 
     def shutdown(self) -> None:
         """Wake a thread blocked on this channel (from any thread)."""

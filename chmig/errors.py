@@ -14,7 +14,8 @@ line and exits non-zero, so messages are written to stand alone.
     └── MigrationError      anything on the migration path
         ├── ProtocolError   the peer broke the wire protocol (bad header, bad state)
         ├── TransportError  a socket, URL, TLS or fd-passing failure
-        │   └── ListenerAborted  the owner stopped a listener that was waiting in accept
+        │   ├── ListenerAborted  the owner stopped a listener that was waiting in accept
+        │   └── PeerSilent       the peer sent nothing for longer than it may
         ├── PeerError       the peer answered Error
         └── ConvergenceError  precopy did not converge and the strategy is cancel
 """
@@ -69,6 +70,10 @@ class TransportError(MigrationError):
 
 class ListenerAborted(TransportError):
     """``accept`` returned because the listener's owner aborted it (not an error of any peer)."""
+
+
+class PeerSilent(TransportError):
+    """The peer said nothing for longer than the protocol step allows."""
 
 
 class PeerError(MigrationError):

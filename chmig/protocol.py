@@ -118,6 +118,11 @@ class Limits:
     role_timeout_s: float = _limit(10.0, "wait for the 2-byte role of an additional connection")
     fault_connection_wait_s: float = _limit(30.0, "wait of a postcopy destination for the source's Fault connection")
     workers_finish_s: float = _limit(30.0, "wait at State for the source to close its memory connections")
+    first_request_timeout_s: float = _limit(10.0, "silence of a new main connection before its first request "
+                                                  "(then it is dropped and the receiver keeps listening)")
+    stall_timeout_s: float = _limit(60.0, "silence inside a message, or before Config, before the peer is given up")
+    response_timeout_s: float = _limit(60.0, "source: silence while waiting for an answer, the VM running")
+    paused_response_timeout_s: float = _limit(10.0, "source: silence while waiting for an answer, the VM paused")
     max_json_containers: int = _limit(100_000, "objects and arrays in one Config or State (a real one has hundreds)")
     max_json_values: int = _limit(2_000_000, "values in one Config or State, counted by their separators")
 
@@ -590,6 +595,25 @@ def next_receiver_state(state: ReceiverState, command: Command) -> ReceiverState
         raise ProtocolError(
             f"can't handle command {command.wire_name} in receive state {state.value}", where=state.value
         ) from None
+
+
+#: How long the receiver lets the main connection stay silent between requests, by state (a field of
+#: :class:`Limits`, or None: as long as it takes).  In Configured the source may be sending all of its
+#: memory over other connections for as long as precopy runs, so only a dead peer (TCP keepalive) or
+#: an operator's cancel ends that wait.
+RECEIVER_IDLE_TIMEOUTS: dict[ReceiverState, str | None] = {
+    _S.ESTABLISHED: "first_request_timeout_s",
+    _S.STARTED: "stall_timeout_s",
+    _S.MEMORY_FDS_RECEIVED: "stall_timeout_s",
+    _S.CONFIGURED: None,
+    _S.STATE_RECEIVED: "stall_timeout_s",
+}
+
+
+def receiver_idle_timeout(state: ReceiverState, limits: Limits = DEFAULT_LIMITS) -> float | None:
+    """How long the main connection may be silent before the next request, in ``state``."""
+    name = RECEIVER_IDLE_TIMEOUTS.get(state)
+    return None if name is None else float(getattr(limits, name))
 
 
 def check_request_length(request: Request, limits: Limits = DEFAULT_LIMITS) -> None:

@@ -106,6 +106,7 @@ class Acceptor:
         self.limits = limits
         self._lock = threading.Lock()
         self._accepted = 0
+        self._open = 0
         self._per_role: dict[p.ConnectionRole, int] = {}
 
     def start(self) -> None:
@@ -121,13 +122,15 @@ class Acceptor:
                 log.warning("additional connection refused: %s", exc)
                 continue
             with self._lock:
-                if self._accepted >= self.limits.max_connections:
-                    log.warning("dropping %s: more than %d additional connections", conn.peer,
+                # Connections that ended (probes, finished workers) give their place back.
+                if self._open >= self.limits.max_connections:
+                    log.warning("dropping %s: more than %d additional connections open", conn.peer,
                                 self.limits.max_connections)
                     conn.close()
                     continue
                 number = self._accepted
                 self._accepted += 1
+                self._open += 1
             try:
                 self.threads.start(f"migrate-receive-conn-{number}", self._dispatch, conn, stopper=conn.shutdown)
             except RuntimeError:  # the group is stopping: this connection came too late
@@ -136,8 +139,16 @@ class Acceptor:
 
     def _dispatch(self, conn: Connection) -> None:
         """Read the role, then hand the connection to its handler (which owns it from then on)."""
+        try:
+            self._serve(conn)
+        finally:
+            with self._lock:
+                self._open -= 1
+
+    def _serve(self, conn: Connection) -> None:
         channel = Channel(conn, side=p.Side.DESTINATION, name="unannounced", observers=self.observers,
                           limits=self.limits)
+        channel.stall_timeout = self.limits.stall_timeout_s
         try:
             role = channel.read_role(self.limits.role_timeout_s, naming=self._name)
             handler = self.handlers.get(role)
@@ -175,6 +186,7 @@ class MemoryWorkers:
     def __call__(self, channel: Channel) -> None:
         """Serve one worker connection until the sender closes it (EOF between requests)."""
         role = p.ConnectionRole.PRECOPY_MEMORY
+        carried = False
         try:
             while True:
                 try:
@@ -185,6 +197,9 @@ class MemoryWorkers:
                 received = channel.receive_memory(self.memory, incoming.table, self.populate)
                 with self._lock:
                     self.stats.total_bytes += received
+                    if not carried:  # the statistics count the connections that really carried memory
+                        carried = True
+                        self.stats.connections += 1
                 channel.answer_ok()
         except ChmigError as exc:
             log.error("dropping additional connection %s (%s): %s", channel.name, channel.peer, exc)
@@ -242,23 +257,18 @@ class Receiver:
     # -- the loop ----------------------------------------------------------------------------------
 
     def run(self, accept_timeout: float | None = None) -> Vm:
-        """Accept the main connection and follow the protocol to Completed; the caller owns the VM."""
+        """Accept the sender's main connection and follow the protocol to Completed; the caller owns the VM."""
         self.stats.url = str(self.listener.address)
-        try:
-            conn = self.listener.accept(timeout=accept_timeout)
-        except ListenerAborted:
-            raise MigrationError("the migration was cancelled before a sender connected", where="receive") from None
-        # Small requests and responses must not wait for Nagle and delayed ACKs (44 ms a time here).
-        conn.set_nodelay()
-        self.channel = Channel(conn, side=p.Side.DESTINATION, observers=self.observers, limits=self.limits)
+        channel, first = self._accept_sender(accept_timeout)
+        self.channel = channel
         if self._cancelled.is_set():
-            conn.shutdown()
-        log.info("incoming migration from %s", conn.peer)
+            channel.shutdown()
         self.stats._begin = time.monotonic()
         try:
-            with self.channel:
+            with channel:
+                self._handle(channel, first)
                 while not self.machine.finished:
-                    self._step(self.channel)
+                    self._step(channel)
         except BaseException as exc:
             self.discard()
             if self._cancelled.is_set():
@@ -281,20 +291,75 @@ class Receiver:
         log.info(self.stats.summary())
         return self.destination.take()
 
-    def _step(self, channel: Channel) -> None:
-        """One request of the main connection: admit, read, do the step, answer."""
+    def _accept_sender(self, accept_timeout: float | None) -> tuple[Channel, IncomingRequest]:
+        """Accept connections until one brings a first request; keep listening after empty or failed ones.
+
+        A port probe (connect and close), a peer that says nothing within
+        ``first_request_timeout_s``, a half header or a failed TLS handshake is
+        logged in one line and dropped: the real sender may still come.  A
+        first request the protocol refuses (not Start) ends the migration, as
+        any protocol error does.
+        """
+        deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
+        while True:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                conn = self.listener.accept(timeout=remaining)
+            except ListenerAborted:
+                raise MigrationError("the migration was cancelled before a sender connected",
+                                     where="receive") from None
+            except TransportError as exc:
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise
+                log.warning("ignoring a failed connection attempt: %s", exc)
+                continue
+            # Small requests and responses must not wait for Nagle and delayed ACKs (44 ms a time here).
+            conn.set_nodelay()
+            channel = Channel(conn, side=p.Side.DESTINATION, observers=self.observers, limits=self.limits)
+            channel.stall_timeout = self.limits.stall_timeout_s
+            try:
+                first = self._read_request(channel)
+            except ProtocolError:
+                channel.close()
+                raise
+            except (TransportError, ConnectionClosed) as exc:
+                log.warning("ignoring a connection from %s that sent no request: %s", conn.peer, exc.message)
+                channel.close()
+                continue
+            except BaseException:
+                channel.close()
+                raise
+            log.info("incoming migration from %s", conn.peer)
+            return channel, first
+
+    def _read_request(self, channel: Channel) -> IncomingRequest:
+        """The next request of the main connection, admitted by the state machine (Error answered if not)."""
         try:
-            incoming = channel.read_request(self.machine.begin)
-        except ConnectionClosed:
-            self.machine.fail()
-            raise MigrationError(
-                f"the sender closed the connection in state {self.machine.state.value}", where="receive"
-            ) from None
-        except ChmigError as exc:
+            return channel.read_request(self.machine.begin, p.receiver_idle_timeout(self.machine.state, self.limits))
+        except ProtocolError as exc:
             self.machine.fail()
             log.error("answering Error: %s", exc)
             channel.answer_error(exc.message)
             raise
+
+    def _step(self, channel: Channel) -> None:
+        """One request of the main connection: admit, read, do the step, answer."""
+        state = self.machine.state
+        try:
+            incoming = self._read_request(channel)
+        except ConnectionClosed:
+            self.machine.fail()
+            raise MigrationError(f"the sender closed the connection in state {state.value}", where="receive") from None
+        except ChmigError as exc:
+            if not self.machine.finished:
+                self.machine.fail()
+                log.error("answering Error: %s", exc)
+                channel.answer_error(exc.message)
+            raise
+        self._handle(channel, incoming)
+
+    def _handle(self, channel: Channel, incoming: IncomingRequest) -> None:
+        """Do the step for an admitted request, then answer Ok (or Error, and abort)."""
         step = incoming.command.wire_name
         try:
             STEPS[incoming.command](self, channel, incoming)

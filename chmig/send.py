@@ -113,8 +113,10 @@ class MemorySender:
     never be acknowledged.
     """
 
-    def __init__(self, main: Channel, memory: GuestMemory, options: SendOptions, observers: Observers) -> None:
+    def __init__(self, main: Channel, memory: GuestMemory, options: SendOptions, observers: Observers,
+                 limits: p.Limits = p.DEFAULT_LIMITS) -> None:
         self.main = main
+        self.limits = limits
         self.memory = memory
         self.options = options
         self.observers = observers
@@ -135,6 +137,7 @@ class MemorySender:
                 channel = Channel(conn, side=p.Side.SOURCE, name=f"memory-{n}", observers=self.observers)
                 self.workers.append(channel)
                 channel.set_nodelay()
+                channel.set_timeout(self.limits.response_timeout_s)
                 channel.send_role(p.ConnectionRole.PRECOPY_MEMORY)
             for channel in self.workers:
                 self.threads.start(f"migrate-send-{channel.name}", self._worker, channel, stopper=channel.shutdown)
@@ -199,14 +202,18 @@ class Sender:
     """One outgoing migration of ``vm``; :meth:`run` either hands the VM over or leaves it be."""
 
     def __init__(self, vm: Vm, options: SendOptions, stats: MigrationStats,
-                 observers: Observers | None = None) -> None:
+                 observers: Observers | None = None, limits: p.Limits = p.DEFAULT_LIMITS) -> None:
         self.vm = vm
         self.options = options
         self.stats = stats
         self.observers = observers if observers is not None else Observers()
+        self.limits = limits
         self.machine = p.SourceMachine()
         self.was_running = vm.state == VmState.RUNNING
         self.paused_by_us = False
+        #: Complete (or CompletePaused) went out: the point of no return (see :meth:`_roll_back`).
+        self.complete_sent = False
+        #: ... and its Ok came back: the destination owns the VM.
         self.handed_over = False
         self.downtime_begin = time.monotonic()
         self.channel: Channel | None = None
@@ -225,6 +232,8 @@ class Sender:
         self.channel = Channel(conn, side=p.Side.SOURCE, observers=self.observers)
         # A small final iteration stalled 44 ms on Nagle + delayed ACK without this (bench/precopy.py).
         self.channel.set_nodelay()
+        # A destination that goes silent must not hold the VM here: every answer has a bound.
+        self.channel.set_timeout(self.limits.response_timeout_s)
         try:
             if self._cancelled.is_set():
                 raise MigrationError("the migration was cancelled", where="send")
@@ -266,7 +275,7 @@ class Sender:
             self._pause()
         else:
             assert self.channel is not None
-            self.memory_sender = MemorySender(self.channel, vm.memory, self.options, self.observers)
+            self.memory_sender = MemorySender(self.channel, vm.memory, self.options, self.observers, self.limits)
             if self.cancelled:  # cancel() may have run before the memory sender existed
                 raise MigrationError("the migration was cancelled", where="send")
             self.memory_sender.open()
@@ -278,7 +287,12 @@ class Sender:
         self._request_ok(p.Request.state(len(state)), state)
         self.stats.send_state_ms = _ms_since(send_begin)
         complete_begin = time.monotonic()
-        self._request_ok(p.Request.complete() if self.was_running else p.Request.complete_paused())
+        complete = p.Request.complete() if self.was_running else p.Request.complete_paused()
+        self.machine.check_send(complete.command)
+        assert self.channel is not None
+        self.complete_sent = True  # from here on the destination may be running the VM
+        self.channel.request_ok(complete)
+        self.machine.acknowledged(complete.command)
         self.handed_over = True
         self.stats.complete_ms = _ms_since(complete_begin)
         self.stats.downtime_ms = _ms_since(self.downtime_begin)
@@ -300,6 +314,13 @@ class Sender:
         if self.vm.state == VmState.RUNNING:
             self.vm.pause()
             self.paused_by_us = True
+        # The guest is down now: a silent destination gets much less time before we roll back.
+        paused = self.limits.paused_response_timeout_s
+        assert self.channel is not None
+        self.channel.set_timeout(paused)
+        if self.memory_sender is not None:
+            for worker in self.memory_sender.workers:
+                worker.set_timeout(paused)
 
     def _precopy(self) -> None:
         """Iterations while the VM runs, then the paused final iteration (``do_memory_migration``)."""
@@ -382,14 +403,34 @@ class Sender:
         self.stats.total_bytes += table.total_bytes
         log.debug("precopy iteration %s", iteration)
 
+    @property
+    def outcome_unknown(self) -> bool:
+        """Complete went out but its answer never came: the destination may or may not run the VM."""
+        return self.complete_sent and not self.handed_over
+
     def _roll_back(self, exc: BaseException) -> None:
-        """The migration failed before hand-over: leave the source as it was."""
+        """The migration failed: leave the source as it was — unless Complete was already sent.
+
+        **The point of no return is sending Complete.**  Before it, the
+        destination never runs the VM, so the source turns dirty logging off
+        and resumes the VM if it paused it.  After it, the destination may have
+        resumed the VM even though its Ok was lost: resuming here too would run
+        one VM twice (over TCP, two diverging copies; locally, two guests on the
+        same memfds corrupting each other).  So the VM stays paused, the
+        outcome is reported as unknown, and only an operator's explicit
+        ``resume`` (after checking the destination) runs it here again.
+        """
         if self.handed_over:
             return
         try:
             self.vm.stop_dirty_log()
         except Exception as stop_error:  # keep the original error; this one is only logged
             log.warning("could not turn dirty logging off: %s", stop_error)
+        if self.complete_sent:
+            log.error("migration outcome unknown: %s was sent but not acknowledged (%s); the VM may be running "
+                      "on the destination, so it stays paused here — resume it only if the destination "
+                      "does not have it", "Complete" if self.was_running else "CompletePaused", exc)
+            return
         if isinstance(exc, ConvergenceError) and self.channel is not None:
             try:  # a healthy connection: tell the destination to drop its half-built VM
                 self._request_ok(p.Request.abandon())
@@ -421,8 +462,14 @@ def send_migration(sender: Sender) -> MigrationStats:
     try:
         sender.run()
     except BaseException as exc:
-        status = "cancelled" if isinstance(exc, ConvergenceError) or sender.cancelled else "failed"
-        stats.finish(status, str(exc))
+        if sender.outcome_unknown:
+            status = "unknown"
+            message = (f"Complete was sent but not acknowledged ({exc}); the VM may be running on the "
+                       "destination, so it stays paused here until an operator resumes it")
+        else:
+            status = "cancelled" if isinstance(exc, ConvergenceError) or sender.cancelled else "failed"
+            message = str(exc)
+        stats.finish(status, message)
         log.warning(stats.summary())
         raise
     stats.finish("completed")

@@ -593,10 +593,7 @@ class Connection:
     def _read_error(
         self, error: BaseException, got: int, total: int, what: str
     ) -> TransportError:
-        if isinstance(error, TimeoutError):
-            reason = f"timed out after {self.socket.gettimeout()} s"
-        else:
-            reason = _describe(error)
+        reason = self._reason(error)
         return TransportError(
             f"cannot read {what} from peer ({got} of {total} bytes received): {reason}",
             where=self._peer,
@@ -605,14 +602,39 @@ class Connection:
     # ---- writing --------------------------------------------------------
 
     def write_all(self, data: bytes | bytearray | memoryview | mmap.mmap) -> None:
-        """Send all of ``data`` (``sendall``), or raise naming the peer."""
+        """Send all of ``data``, or raise naming the peer.
+
+        Without a timeout this is ``sendall``.  With one (:meth:`set_timeout`)
+        it is a loop of ``send`` calls, each bounded by the timeout: the bound
+        is on *silence* (no byte accepted for that long), not on the whole
+        transfer, which may take as long as it needs while it progresses.
+        (``sendall`` would bound the whole transfer.)
+        """
         try:
-            self.socket.sendall(data)
+            if self.socket.gettimeout() is None:
+                self.socket.sendall(data)
+                return
+            with memoryview(data) as outer, outer.cast("B") as view:
+                sent, total = 0, view.nbytes
+                while sent < total:
+                    sent += self.socket.send(view[sent:])
         except (TimeoutError, ssl.SSLError, OSError) as e:
             size = memoryview(data).nbytes
             raise TransportError(
-                f"cannot send {size} bytes to peer: {_describe(e)}", where=self._peer
+                f"cannot send {size} bytes to peer: {self._reason(e)}", where=self._peer
             ) from e
+
+    def _reason(self, error: BaseException) -> str:
+        """Why a read or write failed, in words (a timeout says whose and how long)."""
+        if isinstance(error, TimeoutError):
+            timeout = self.socket.gettimeout()
+            if timeout is None:  # the kernel's TCP_USER_TIMEOUT: our data went unacknowledged
+                return f"the peer stopped acknowledging data for {TCP_USER_TIMEOUT_MS // 1000} s"
+            return f"the peer was silent for {timeout:g} s"
+        if isinstance(error, ssl.SSLError):
+            # With TLS 1.3 a server that refuses our certificate says so only at our first read or write.
+            return f"TLS: {_describe(error)} (did the peer refuse the TLS certificate?)"
+        return _describe(error)
 
     # ---- file descriptor passing (UNIX only) ----------------------------
 
@@ -693,7 +715,12 @@ class Connection:
     # ---- options and lifetime -------------------------------------------
 
     def set_timeout(self, seconds: float | None) -> None:
-        """Bound every later read and write; ``None`` blocks forever."""
+        """Bound the silence every later read and write may wait through; ``None`` waits forever.
+
+        A read returns as soon as any byte arrives and :meth:`write_all` sends
+        in bounded steps, so this bounds how long the peer may say nothing,
+        never how long a large transfer may take.
+        """
         self.socket.settimeout(seconds)
 
     def set_nodelay(self) -> None:

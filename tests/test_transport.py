@@ -384,7 +384,7 @@ def test_read_timeout_names_peer_and_progress(pool: ThreadPoolExecutor) -> None:
         served.result(timeout=IO_TIMEOUT)
     message = str(caught.value)
     assert (
-        "cannot read response from peer (2 of 4 bytes received): timed out after 0.2 s"
+        "cannot read response from peer (2 of 4 bytes received): the peer was silent for 0.2 s"
         in message
     )
     assert caught.value.where == str(listener.address)
