@@ -342,8 +342,8 @@ class Channel:
         self.conn.set_timeout(idle_timeout)
         try:
             self.conn.read_exact_into(memoryview(header)[:1], what="request header")
-        except ConnectionClosed:
-            raise
+        except ConnectionClosed as exc:
+            raise ConnectionClosed("the peer closed the connection between requests", where=self.peer) from exc
         except TransportError as exc:
             if isinstance(exc.__cause__, TimeoutError):
                 raise PeerSilent(f"no request for {idle_timeout:g} s", where=self.peer) from exc

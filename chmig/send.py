@@ -471,6 +471,8 @@ def send_migration(sender: Sender) -> MigrationStats:
             message = str(exc)
         stats.finish(status, message)
         log.warning(stats.summary())
+        if sender.outcome_unknown:
+            raise MigrationError(message, where="Complete") from exc
         raise
     stats.finish("completed")
     log.info(stats.summary())
