@@ -40,6 +40,8 @@ RECEIVED = "received"
 
 #: How far ahead of the arriving data the receiver faults guest memory in (MADV_POPULATE_WRITE).
 POPULATE_AHEAD = 16 * p.MiB
+#: Config and State payloads are read (and their buffer grown) this much at a time.
+PAYLOAD_STEP = 1 * p.MiB
 
 
 @dataclass(frozen=True)
@@ -383,8 +385,16 @@ class Channel:
         if command is p.Command.PAGE_FAULT:
             page = p.MemoryRange.decode(self.conn.read_exact(length, what="PageFault range"))
             return IncomingRequest(request, page=page)
-        payload = self.conn.read_exact(length, what=command.wire_name) if length else b""
-        return IncomingRequest(request, payload=payload)
+        return IncomingRequest(request, payload=self._read_growing(length, command.wire_name))
+
+    def _read_growing(self, length: int, what: str) -> bytes:
+        """``length`` bytes, allocated as they arrive: a 64 MiB header followed by nothing costs nothing."""
+        if length <= PAYLOAD_STEP:
+            return self.conn.read_exact(length, what=what) if length else b""
+        payload = bytearray()
+        while len(payload) < length:
+            payload += self.conn.read_exact(min(PAYLOAD_STEP, length - len(payload)), what=what)
+        return bytes(payload)
 
     def answer(self, response: p.Response, summary: str = "") -> None:
         header = response.encode()
@@ -402,17 +412,19 @@ class Channel:
             log.debug("%s: could not answer Error: %s", self, exc)
 
     def receive_memory(self, memory: MemoryTarget, table: p.MemoryRangeTable, populate: bool = True) -> int:
-        """Protocol step *Memory* (receiver): check the table against guest RAM, then receive the bytes in place."""
-        pieces: list[tuple[int, int]] = []
+        """Protocol step *Memory* (receiver): check the table against guest RAM, then receive the bytes in place.
+
+        Two passes over the table (check all, then receive) instead of one list
+        of pieces: a table of a million ranges must not cost a second copy.
+        """
         for rng in table:
-            if rng.length == 0:
-                continue
             try:
-                pieces.extend(memory.split(rng))
+                for _ in memory.split(rng):
+                    pass
             except VmError as exc:
                 raise ProtocolError(f"range {rng.gpa:#x}+{rng.length:#x} is not inside guest RAM",
                                     where="Memory") from exc
-        for gpa, length in pieces:
+        for gpa, length in (piece for rng in table for piece in memory.split(rng)):
             # Populate only a window ahead of the data actually arriving: a table that covers all of RAM,
             # followed by no data, must not commit all of RAM.
             for offset in range(0, length, POPULATE_AHEAD):

@@ -178,6 +178,29 @@ def test_a_table_covering_all_ram_with_no_data_commits_only_a_window(tmp_path: P
         proc.wait()
 
 
+def test_a_64_mib_header_with_no_payload_allocates_nothing(tmp_path: Path) -> None:
+    sock_path = tmp_path / "in.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "chmig", "receive", "--listen", f"unix:{sock_path}",
+                             "--serial", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in proc.stdout.readline()
+        baseline = _status(proc.pid, "VmRSS")
+        sock = socket.socket(socket.AF_UNIX)
+        sock.connect(str(sock_path))
+        sock.sendall(p.Request.start().encode())
+        assert p.Response.decode(sock.recv(16)).is_ok
+        sock.sendall(p.Request.config(64 << 20).encode() + b"{" * 1024)
+        time.sleep(1)
+        grown = _status(proc.pid, "VmRSS") - baseline
+        assert grown < 8 * 1024, f"RSS grew by {grown} KiB"
+        sock.close()
+        proc.communicate(timeout=30)
+        assert proc.returncode == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
 def test_a_config_too_large_for_the_host_is_refused(raw: RawSender) -> None:
     assert raw.request(p.Request.start()) is p.Status.OK
     payload = _config([ZoneConfig("mem0", 60 << 30, True)])
