@@ -28,6 +28,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
                              lambda: _mermaid(p.source_sequence_diagram())),
     "connection-rules": ("CONNECTION_RULES", p.connection_rules_table),
     "limits": ("Limits", p.limits_table),
+    "receiver-idle-timeouts": ("RECEIVER_IDLE_TIMEOUTS", p.idle_timeouts_table),
 }
 
 

@@ -873,6 +873,15 @@ def limits_table(limits: Limits = DEFAULT_LIMITS) -> str:
     return "\n".join(rows)
 
 
+def idle_timeouts_table(limits: Limits = DEFAULT_LIMITS) -> str:
+    """:data:`RECEIVER_IDLE_TIMEOUTS` as a Markdown table."""
+    rows = ["| receiver state | the main connection may be silent before the next request |", "|---|---|"]
+    for state, name in RECEIVER_IDLE_TIMEOUTS.items():
+        shown = "as long as it takes" if name is None else f"`{name}` ({getattr(limits, name):g} s)"
+        rows.append(f"| {state.value} | {shown} |")
+    return "\n".join(rows)
+
+
 def source_sequence_diagram() -> str:
     """What the source may send in each state (the same table, seen from the source), as Mermaid."""
     lines = ["stateDiagram-v2", "    direction LR", f"    [*] --> {_S.ESTABLISHED.value}"]
