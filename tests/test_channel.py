@@ -7,7 +7,6 @@ message of a real migration, in order, on every connection, from both ends.
 from __future__ import annotations
 
 import ast
-import json
 import logging
 import re
 import socket
@@ -24,7 +23,7 @@ import pytest
 from chmig import protocol as p
 from chmig.channel import RECEIVED, SENT, Channel, Message, MessageLog, Observers
 from chmig.errors import InternalError, PeerError, ProtocolError, StuckThreadError
-from chmig.memory import GuestMemory, ZoneConfig, layout
+from chmig.memory import GuestMemory
 from chmig.receive import Receiver
 from chmig.selfcheck import FlatMemory
 from chmig.send import Sender, SendOptions, new_stats
@@ -33,6 +32,7 @@ from chmig.transport import Connection, listen, parse_url
 from chmig.vm import Serial, Vm, VmConfig, VmState
 
 from .conftest import requires_kvm
+from .wire import config_payload
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -284,14 +284,6 @@ def test_a_page_fault_answered_error_is_the_peers_refusal() -> None:
 # Role dispatch on the destination
 # ---------------------------------------------------------------------------------------------
 
-RAM = 4 << 20
-
-
-def _config_payload() -> bytes:
-    zones = [ZoneConfig("mem0", RAM, True)]
-    vm_config = VmConfig(cpus=1, zones=zones).to_json()
-    mappings = [m.to_json() for m in layout(zones)]
-    return json.dumps({"vm_config": vm_config, "memory_manager_data": {"guest_ram_mappings": mappings}}).encode()
 
 
 class _RawSender:
@@ -336,7 +328,7 @@ def test_role_dispatch(raw_sender: _RawSender, caplog: pytest.LogCaptureFixture)
     """A Fault connection is handed over; a bad role and a late role are dropped with one log line each."""
     caplog.set_level(logging.WARNING)
     assert raw_sender.request(p.Request.start()).is_ok
-    payload = _config_payload()
+    payload = config_payload()
     assert raw_sender.request(p.Request.config(len(payload)), payload).is_ok
 
     fault = socket.create_connection(raw_sender.address, timeout=10)

@@ -5,10 +5,9 @@ Real processes, real KVM, real sockets, real memfds; resources (fds, threads, RS
 
 from __future__ import annotations
 
-import json
+import contextlib
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -20,25 +19,16 @@ import pytest
 
 from chmig import protocol as p
 from chmig.errors import ChmigError
-from chmig.memory import GuestRamMapping, ZoneConfig, layout
+from chmig.memory import GuestRamMapping, ZoneConfig
 from chmig.receive import Receiver
 from chmig.transport import listen, parse_url
-from chmig.vm import VmConfig
 
 from .conftest import Processes, requires_kvm
+from .wire import config_payload
 
 pytestmark = [requires_kvm, pytest.mark.timeout(120)]
 
 VM_ARGS = ("--cpus", "boot=1", "--memory", "size=32M", "--workload", "verify,dirty_percent=10")
-
-
-def _config(zones: list[ZoneConfig], mappings: list[GuestRamMapping] | None = None,
-            cpuid: list[dict] | None = None) -> bytes:
-    document: dict = {"vm_config": VmConfig(cpus=1, zones=zones).to_json(),
-                      "memory_manager_data": {"guest_ram_mappings": [m.to_json() for m in mappings or layout(zones)]}}
-    if cpuid is not None:
-        document["common_cpuid"] = cpuid
-    return json.dumps(document).encode()
 
 
 def _fds() -> int:
@@ -150,19 +140,29 @@ def test_a_vm_received_through_the_api_can_be_paused(procs: Processes, tmp_path:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_a_table_covering_all_ram_with_no_data_commits_only_a_window(tmp_path: Path) -> None:
+@contextlib.contextmanager
+def started_receive_process(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], socket.socket]]:
+    """A ``chmig receive`` process and a raw connection to it that has been answered Ok to Start."""
     sock_path = tmp_path / "in.sock"
     proc = subprocess.Popen([sys.executable, "-m", "chmig", "receive", "--listen", f"unix:{sock_path}",
                              "--serial", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert "listening on" in proc.stdout.readline()
-        baseline = _status(proc.pid, "VmRSS")
+        assert proc.stdout is not None and "listening on" in proc.stdout.readline()
         sock = socket.socket(socket.AF_UNIX)
         sock.connect(str(sock_path))
         sock.sendall(p.Request.start().encode())
         assert p.Response.decode(sock.recv(16)).is_ok
+        yield proc, sock
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_table_covering_all_ram_with_no_data_commits_only_a_window(tmp_path: Path) -> None:
+    with started_receive_process(tmp_path) as (proc, sock):
+        baseline = _status(proc.pid, "VmRSS")
         ram = 2 << 30
-        payload = _config([ZoneConfig("mem0", ram, True)])
+        payload = config_payload([ZoneConfig("mem0", ram, True)])
         sock.sendall(p.Request.config(len(payload)).encode() + payload)
         assert p.Response.decode(sock.recv(16)).is_ok
         table = p.MemoryRangeTable([p.MemoryRange(0, p.GiB * 2)])  # 2 GiB announced ...
@@ -173,22 +173,11 @@ def test_a_table_covering_all_ram_with_no_data_commits_only_a_window(tmp_path: P
         sock.close()
         _, err = proc.communicate(timeout=30)
         assert proc.returncode == 1 and err.strip().splitlines()[-1].startswith("chmig receive: error:"), err
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_64_mib_header_with_no_payload_allocates_nothing(tmp_path: Path) -> None:
-    sock_path = tmp_path / "in.sock"
-    proc = subprocess.Popen([sys.executable, "-m", "chmig", "receive", "--listen", f"unix:{sock_path}",
-                             "--serial", "off"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert "listening on" in proc.stdout.readline()
+    with started_receive_process(tmp_path) as (proc, sock):
         baseline = _status(proc.pid, "VmRSS")
-        sock = socket.socket(socket.AF_UNIX)
-        sock.connect(str(sock_path))
-        sock.sendall(p.Request.start().encode())
-        assert p.Response.decode(sock.recv(16)).is_ok
         sock.sendall(p.Request.config(64 << 20).encode() + b"{" * 1024)
         time.sleep(1)
         grown = _status(proc.pid, "VmRSS") - baseline
@@ -196,14 +185,11 @@ def test_a_64_mib_header_with_no_payload_allocates_nothing(tmp_path: Path) -> No
         sock.close()
         proc.communicate(timeout=30)
         assert proc.returncode == 1
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 def test_a_config_too_large_for_the_host_is_refused(raw: RawSender) -> None:
     assert raw.request(p.Request.start()) is p.Status.OK
-    payload = _config([ZoneConfig("mem0", 60 << 30, True)])
+    payload = config_payload([ZoneConfig("mem0", 60 << 30, True)])
     assert raw.request(p.Request.config(len(payload)), payload) is p.Status.ERROR
     assert "does not fit this host" in str(raw.finish())
 
@@ -214,9 +200,9 @@ def test_a_config_too_large_for_the_host_is_refused(raw: RawSender) -> None:
 
 
 @pytest.mark.parametrize("payload, message", [
-    (_config([ZoneConfig("mem0", 4 << 20, True)]).replace(b'"size": 4194304', b'"size": Infinity', 1),
+    (config_payload([ZoneConfig("mem0", 4 << 20, True)]).replace(b'"size": 4194304', b'"size": Infinity', 1),
      "not a number JSON allows"),
-    (_config([ZoneConfig("mem0", 4 << 20, True)]).replace(b'"gpa": 0', b'"gpa": NaN', 1), "not a number JSON"),
+    (config_payload([ZoneConfig("mem0", 4 << 20, True)]).replace(b'"gpa": 0', b'"gpa": NaN', 1), "not a number JSON"),
     (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),
     (b'{"vm_config": ' + b"[" * 50_000 + b"]" * 50_000 + b"}", "nested too deeply"),
     (b"[" + b"{}," * 1_000_000 + b"{}]", "objects and arrays"),
@@ -230,7 +216,7 @@ def test_hostile_json_is_answered_error(raw: RawSender, payload: bytes, message:
 
 def test_hostile_state_json_is_answered_error(raw: RawSender) -> None:
     assert raw.request(p.Request.start()) is p.Status.OK
-    payload = _config([ZoneConfig("mem0", 4 << 20, True)])
+    payload = config_payload([ZoneConfig("mem0", 4 << 20, True)])
     assert raw.request(p.Request.config(len(payload)), payload) is p.Status.OK
     state = b"[" * 100_000 + b"]" * 100_000
     assert raw.request(p.Request.state(len(state)), state) is p.Status.ERROR
@@ -255,7 +241,7 @@ def test_one_memfd_for_two_slots_of_a_zone(tmp_path: Path) -> None:
         assert raw.request(p.Request.start()) is p.Status.OK
         for slot in (0, 1):
             assert raw.request(p.Request.memory_fd(), p.encode_memory_fd_slot(slot), [memfd]) is p.Status.OK
-        payload = _config([zone], mappings)
+        payload = config_payload([zone], mappings)
         assert raw.request(p.Request.config(len(payload)), payload) is p.Status.OK
         assert raw.request(p.Request.abandon()) is p.Status.OK
         error = raw.finish()
@@ -295,7 +281,7 @@ def test_refused_migrations_leak_no_fd_and_no_thread(tmp_path: Path) -> None:
     # Warm up once: the first VM built in a process opens fds that stay (cffi, libc).
     warm = RawSender(f"unix:{tmp_path}/warm.sock")
     assert warm.request(p.Request.start()) is p.Status.OK
-    payload = _config([zone])
+    payload = config_payload([zone])
     assert warm.request(p.Request.config(len(payload)), payload) is p.Status.OK
     assert warm.request(p.Request.abandon()) is p.Status.OK
     warm.finish()
@@ -311,7 +297,7 @@ def test_refused_migrations_leak_no_fd_and_no_thread(tmp_path: Path) -> None:
         # KVM takes at most 256 CPUID entries: the VM's construction fails after /dev/kvm was opened.
         raw = RawSender(f"unix:{tmp_path}/cpuid-{round_}.sock")
         assert raw.request(p.Request.start()) is p.Status.OK
-        many = _config([zone], cpuid=[{"function": n, "index": 0} for n in range(300)])
+        many = config_payload([zone], cpuid=[{"function": n, "index": 0} for n in range(300)])
         assert raw.request(p.Request.config(len(many)), many) is p.Status.ERROR
         assert isinstance(raw.finish(), ChmigError)
     for _, fd in cases:
@@ -366,7 +352,7 @@ def test_worker_probes_give_their_place_back(tmp_path: Path) -> None:
     limits = p.Limits(max_connections=4, role_timeout_s=0.5)
     raw = RawSender("tcp:127.0.0.1:0", limits)
     assert raw.request(p.Request.start()) is p.Status.OK
-    payload = _config([ZoneConfig("mem0", 4 << 20, True)])
+    payload = config_payload([ZoneConfig("mem0", 4 << 20, True)])
     assert raw.request(p.Request.config(len(payload)), payload) is p.Status.OK
     for _ in range(12):  # three times the quota of probes, each closed at once
         probe = raw.connect()

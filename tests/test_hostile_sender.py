@@ -19,23 +19,14 @@ import pytest
 
 from chmig import protocol as p
 from chmig.errors import ChmigError
-from chmig.memory import ZoneConfig, layout
 from chmig.receive import Receiver
 from chmig.transport import listen, parse_url
-from chmig.vm import VmConfig
 
 from .conftest import requires_kvm
 
 pytestmark = [requires_kvm, pytest.mark.timeout(60)]
 
-RAM = 4 << 20
-
-
-def config_payload() -> bytes:
-    zones = [ZoneConfig("mem0", RAM, True)]
-    vm_config = VmConfig(cpus=1, zones=zones).to_json()
-    mappings = [m.to_json() for m in layout(zones)]
-    return json.dumps({"vm_config": vm_config, "memory_manager_data": {"guest_ram_mappings": mappings}}).encode()
+from .wire import RAM, config_payload
 
 
 class Peer:
