@@ -127,6 +127,44 @@ def say(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
 
+# ---------------------------------------------------------------------------------------------
+# The guest's verdict: a benchmark of a broken migration measures nothing
+# ---------------------------------------------------------------------------------------------
+
+
+class BenchmarkFailed(RuntimeError):
+    """What was measured broke (a guest found bad memory): the numbers are void and the run must fail."""
+
+
+def check_guest(what: str, info: dict) -> None:
+    """Raise :class:`BenchmarkFailed`, naming ``what`` (e.g. ``hop tcp, 2 conn (rep 1)``), unless the
+    guest in ``info`` (a ``vm.info`` answer, from the API or in-process) runs with zero errors.
+
+    Call it once the guest has re-checked its memory (a full verify round after the migration): before,
+    errors a migration caused may not be counted yet.
+    """
+    guest = info.get("guest") or {}
+    if info.get("state") != "Running":
+        raise BenchmarkFailed(f"{what}: the guest is {info.get('state')} after the migration, not Running")
+    errors = guest.get("errors", 0)
+    if errors:
+        raise BenchmarkFailed(
+            f"{what}: the guest reported {errors} memory error(s) after re-checking its memory "
+            f"(last bad page at gpa {guest.get('last_error_gpa', 0):#x}): the migration broke it")
+
+
+def exit_status(main: Callable[[], int]) -> int:
+    """Run a benchmark's ``main``; a :class:`BenchmarkFailed` becomes one clear line on stderr and exit 1.
+
+    Anything else propagates with its traceback (a bug in the benchmark, not a verdict on chmig).
+    """
+    try:
+        return main()
+    except BenchmarkFailed as failure:
+        print(f"{Path(sys.argv[0]).name}: FAILED: {failure}", file=sys.stderr, flush=True)
+        return 1
+
+
 def median(values: Sequence[float]) -> float:
     return statistics.median(values)
 

@@ -46,7 +46,6 @@ MAX_GUEST_PHYS = 64 * GiB
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-_libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
 MADV_POPULATE_WRITE = 23
 
 
@@ -284,7 +283,8 @@ class GuestMemory:
         """Every page that was ever written: iteration 0 sends only these.
 
         memfds: ``SEEK_DATA``/``SEEK_HOLE`` skip the holes.  Anonymous memory:
-        ``mincore`` tells which pages are resident (never-touched pages read as zero).
+        ``/proc/self/pagemap`` tells which pages are present or swapped out
+        (never-touched pages read as zero).
         """
         table = MemoryRangeTable()
         for region in self.regions:
@@ -348,14 +348,32 @@ def _data_spans(fd: int, offset: int, size: int) -> list[tuple[int, int]]:
 
 
 def _resident_spans(address: int, size: int) -> list[tuple[int, int]]:
+    """The pages of anonymous memory that were ever touched: present in RAM *or swapped out*.
+
+    ``/proc/self/pagemap`` has one u64 per page whose bit 63 says "present"
+    and bit 62 "swapped"; ``mincore`` would miss swapped pages, which then
+    would never be sent (they are not dirty either) — silent data loss on a
+    host that swaps.  Never-touched pages read as zero and need not be sent.
+    """
     pages = size // PAGE_SIZE
-    vec = ctypes.create_string_buffer(pages)
-    if _libc.mincore(address, size, vec) != 0:
-        log.debug("mincore failed (%s): sending all pages", os.strerror(ctypes.get_errno()))
+    try:
+        with open("/proc/self/pagemap", "rb", buffering=0) as pagemap:
+            pagemap.seek(address // PAGE_SIZE * 8)
+            raw = bytearray()
+            while len(raw) < pages * 8:
+                chunk = pagemap.read(pages * 8 - len(raw))
+                if not chunk:
+                    break
+                raw += chunk
+    except OSError as exc:
+        log.debug("pagemap unreadable (%s): sending all pages", exc)
         return [(0, size)]
-    # mincore gives one byte per page, bit 0 = resident; runs of resident pages become spans.
-    resident = vec.raw.translate(_LOW_BIT)
-    return [(m.start() * PAGE_SIZE, (m.end() - m.start()) * PAGE_SIZE) for m in re.finditer(rb"\x01+", resident)]
+    if len(raw) < pages * 8:
+        return [(0, size)]
+    # The top byte of each little-endian entry holds bits 56..63: 0xC0 = present or swapped.
+    touched = bytes(raw[7::8]).translate(_TOUCHED)
+    return [(m.start() * PAGE_SIZE, (m.end() - m.start()) * PAGE_SIZE) for m in re.finditer(rb"\x01+", touched)]
 
 
-_LOW_BIT = bytes(b & 1 for b in range(256))
+_TOUCHED = bytes(1 if b & 0xC0 else 0 for b in range(256))
+

@@ -52,9 +52,9 @@ def _boot(memory: str = "size=32M", zones: list[str] | None = None) -> Vm:
     return vm
 
 
-def _migrate_in_process(url: str, **options: object) -> tuple[MessageLog, Vm, Vm]:
+def _migrate_in_process(url: str, memory: str = "size=32M", **options: object) -> tuple[MessageLog, Vm, Vm]:
     """Source VM here, Receiver in a thread here, both reporting to one MessageLog."""
-    source = _boot(zones=["id=extra,size=4M"] if options.get("local") else None)
+    source = _boot(memory, zones=["id=extra,size=4M"] if options.get("local") else None)
     log = MessageLog()
     observers = Observers(log)
     outcome: dict = {}
@@ -98,7 +98,8 @@ def _mirror(sequence: list[tuple[str, str]]) -> list[tuple[str, str]]:
 
 @requires_kvm
 def test_observer_sees_every_message_of_a_two_connection_precopy() -> None:
-    log, source, dest = _migrate_in_process("tcp:127.0.0.1:0", connections=2)
+    # 160 MiB: iteration 0 alone is three 64 MiB chunks, so both workers surely carry memory.
+    log, source, dest = _migrate_in_process("tcp:127.0.0.1:0", "size=160M", connections=2)
     try:
         _guest_continues(dest)
         main = _on(log, "source", "main")
