@@ -86,7 +86,9 @@ def guest_verify(cpus: int, seconds: float) -> dict:
         vmm.wait_for(lambda i: all(v["rounds"] >= 2 for v in i["guest"]["vcpus"]), timeout=180,
                      what="two rounds on every vCPU")
         rates = round_rates(vmm, cpus, seconds)
-        errors = vmm.info()["guest"]["errors"]
+        info = vmm.info()
+        c.check_guest(f"verify scan, {cpus} vCPU(s)", info)
+        errors = info["guest"]["errors"]
     per_vcpu = [r * n * PAGE_SIZE / GiB for r, n in zip(rates, pages)]
     return {"cpus": cpus, "pages": pages, "rounds_per_s": rates, "gib_s": per_vcpu, "total": sum(per_vcpu),
             "errors": errors}
@@ -329,7 +331,9 @@ def pace_exit_rate(seconds: float) -> dict:
         vmm = procs.run("--memory", f"size={VM_MIB}M", "--workload", "verify,dirty_percent=100")
         vmm.wait_rounds(2, timeout=180)
         rounds = round_rates(vmm, 1, seconds)[0]
-        errors = vmm.info()["guest"]["errors"]
+        info = vmm.info()
+        c.check_guest("pacing exits, verify dirty_percent=100", info)
+        errors = info["guest"]["errors"]
     return {"rounds": rounds, "paces_per_round": paces_per_round, "rate": rounds * paces_per_round,
             "written_mib_s": rounds * pages * PAGE_SIZE / MiB, "errors": errors}
 
@@ -394,4 +398,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(c.exit_status(main))
