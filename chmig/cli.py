@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
+import select
 import sys
 from typing import Callable, Sequence
 
@@ -55,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     remote.set_defaults(handler=_lazy("api", "main_remote"))
     remote.add_argument("--api-socket", required=True, help="the VMM's API socket")
     remote.add_argument("action", help="ping, info, pause, resume, shutdown, shutdown-vmm, send-migration, "
-                        "receive-migration, snapshot, restore")
+                        "receive-migration, cancel-migration")
     remote.add_argument("options", nargs="?", default="", help="key=value[,key=value...] for the action")
 
     receive = sub.add_parser("receive", help="wait for an incoming migration and run the VM it brings")
@@ -109,11 +111,41 @@ def configure_logging(verbosity: int, log_file: str | None) -> None:
     )
 
 
+#: ``chmig remote info | head -1``: the reader left early, as for a process killed by SIGPIPE (128 + 13).
+EXIT_STDOUT_CLOSED = 141
+
+
+def _stdout_closed() -> bool:
+    """Whether standard output is a pipe or socket whose reader has gone (poll reports an error on it)."""
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & (select.POLLERR | select.POLLHUP) for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no usable stdout at all: nothing can be written there anyway
+        return True
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the buffered rest is dropped quietly at exit (Python's documented recipe)."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, sys.stdout.fileno())
+    finally:
+        os.close(devnull)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose, args.log_file)
     try:
-        return int(args.handler(args) or 0)
+        code = int(args.handler(args) or 0)
+        sys.stdout.flush()  # so a closed pipe shows here, not in the interpreter's last flush
+        return code
+    except BrokenPipeError:
+        if not _stdout_closed():
+            raise  # not the reader of our output that left: a real error
+        _silence_stdout()
+        return EXIT_STDOUT_CLOSED
     except ChmigError as exc:
         print(f"chmig {args.command}: error: {exc}", file=sys.stderr)
         return 1

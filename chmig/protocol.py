@@ -60,13 +60,12 @@ PageFault requests from the destination to the source.
 from __future__ import annotations
 
 import enum
-import json
-import math
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Iterator, NamedTuple, Sequence
 
 from .errors import InternalError, ProtocolError
+from .jsonlimits import JsonRefused, loads_bounded
 from .units import GiB, KiB, MiB, PAGE_SIZE  # noqa: F401 - re-exported: the protocol's vocabulary
 
 # --------------------------------------------------------------------------
@@ -519,37 +518,12 @@ class MemoryRangeTable:
             yield MemoryRangeTable(chunk[::-1])
 
 
-def _refuse_constant(name: str) -> float:
-    raise ValueError(f"{name} is not a number JSON allows")
-
-
-def _finite_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"number {text[:32]} is out of range")
-    return value
-
-
 def decode_json_payload(payload: bytes, what: str, limits: Limits = DEFAULT_LIMITS) -> object:
-    """Config or State JSON, parsed at a cost bounded by its size: finite numbers, bounded nesting and counts.
-
-    The counts are taken on the raw bytes before parsing (brackets inside strings
-    count too, which only makes the bound stricter), so a payload of a million
-    empty objects is refused before it can cost hundreds of megabytes.
-    """
-    containers = payload.count(b"[") + payload.count(b"{")
-    if containers > limits.max_json_containers:
-        raise ProtocolError(f"{what} has {containers} objects and arrays, more than {limits.max_json_containers}",
-                            where=what)
-    values = payload.count(b",") + payload.count(b":")
-    if values > limits.max_json_values:
-        raise ProtocolError(f"{what} has {values} values, more than {limits.max_json_values}", where=what)
+    """Config or State JSON, parsed at a cost bounded by its size: finite numbers, bounded nesting and counts."""
     try:
-        return json.loads(payload, parse_constant=_refuse_constant, parse_float=_finite_float)
-    except RecursionError:
-        raise ProtocolError(f"{what} is nested too deeply", where=what) from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"malformed {what}: not valid JSON: {exc}", where=what) from None
+        return loads_bounded(payload, max_containers=limits.max_json_containers, max_values=limits.max_json_values)
+    except JsonRefused as exc:
+        raise ProtocolError(f"malformed {what}: {exc}", where=what) from None
 
 
 def encode_memory_fd_slot(slot: int) -> bytes:

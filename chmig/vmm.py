@@ -245,7 +245,8 @@ class Vmm:
 
     def cancel_migration(self) -> None:
         """Stop the migration in progress (an operator's request); its caller gets the error."""
-        task = self.task
+        with self.lock:
+            task = self.task
         if task is None:
             raise VmError("no migration is in progress")
         log.warning("cancelling the %s in progress", task.kind)

@@ -440,7 +440,7 @@ def test_send_and_receive_do_not_import_the_vmm_or_the_api() -> None:
 def test_importing_the_protocol_imports_no_vm_code() -> None:
     code = "import sys, chmig.protocol; print(sorted(m for m in sys.modules if m.startswith('chmig')))"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
-    assert eval(result.stdout) == ["chmig", "chmig.errors", "chmig.protocol", "chmig.units"]
+    assert eval(result.stdout) == ["chmig", "chmig.errors", "chmig.jsonlimits", "chmig.protocol", "chmig.units"]
 
 
 def test_no_constructor_starts_a_thread() -> None:
