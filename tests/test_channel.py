@@ -455,3 +455,11 @@ def test_no_constructor_starts_a_thread() -> None:
                             inner.value, (ast.Name, ast.Attribute)):
                         offenders.append(f"{path.name}:{inner.lineno}")
     assert not offenders, offenders
+
+
+def test_pagefault_fuzz_smoke() -> None:
+    """The PageFault server's fuzzer (fuzz/pagefault.py), a fixed-seed smoke: every case must hold."""
+    from fuzz import pagefault
+
+    lines: list[str] = []
+    assert pagefault.run(200, seed=1, report=lines.append) == 0, "\n".join(lines)
