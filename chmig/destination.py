@@ -20,6 +20,7 @@ import time
 
 from . import protocol as p
 from .errors import ChmigError, KvmError, MigrationError, ProtocolError, VmError
+from .jsonlimits import U32_MAX, JsonRefused, get_int
 from .memory import GuestMemory, GuestRamMapping, host_available_memory, validate_layout
 from .vm import Serial, Vm, VmConfig
 
@@ -108,16 +109,11 @@ class Destination:
         limit = self.limits.max_cpuid_entries
         if not isinstance(entries, list) or len(entries) > limit:
             raise ProtocolError(f"common_cpuid must be a list of at most {limit} entries", where="Config")
-        checked = []
-        for entry in entries:
-            if not isinstance(entry, dict):
-                raise ProtocolError("common_cpuid entries must be objects", where="Config")
-            try:
-                checked.append({k: int(entry.get(k, 0)) & 0xFFFFFFFF
-                                for k in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")})
-            except (TypeError, ValueError) as exc:
-                raise ProtocolError(f"malformed common_cpuid entry: {exc}", where="Config") from None
-        return checked
+        try:
+            return [{k: get_int(entry, k, "common_cpuid entry", high=U32_MAX, default=0)
+                     for k in ("function", "index", "flags", "eax", "ebx", "ecx", "edx")} for entry in entries]
+        except JsonRefused as exc:
+            raise ProtocolError(f"malformed {exc}", where="Config") from None
 
     def _zone_fds(self, config: VmConfig, mappings: list[GuestRamMapping]) -> dict[str, int]:
         """Match MemoryFds (by slot) to zones: every slot of a shared zone needs one, and one file."""

@@ -30,6 +30,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterable, Iterator
 
 from .errors import UsageError, VmError
+from .jsonlimits import U32_MAX, JsonRefused, get_bool, get_int, get_str
 from .protocol import DEFAULT_LIMITS, MemoryRange, MemoryRangeTable
 from .units import GiB, MiB, PAGE_SIZE
 
@@ -74,17 +75,19 @@ class GuestRamMapping:
 
     @classmethod
     def from_json(cls, data: dict) -> GuestRamMapping:
+        """One entry of a peer's ``guest_ram_mappings``, every field of its exact type (serde's rules)."""
+        what = "guest_ram_mappings entry"
         try:
             return cls(
-                slot=int(data["slot"]),
-                gpa=int(data["gpa"]),
-                size=int(data["size"]),
-                zone_id=str(data["zone_id"]),
-                virtio_mem=bool(data.get("virtio_mem", False)),
-                file_offset=int(data.get("file_offset", 0)),
+                slot=get_int(data, "slot", what, high=U32_MAX),
+                gpa=get_int(data, "gpa", what),
+                size=get_int(data, "size", what),
+                zone_id=get_str(data, "zone_id", what),
+                virtio_mem=get_bool(data, "virtio_mem", what, default=False),
+                file_offset=get_int(data, "file_offset", what, default=0),
             )
-        except (KeyError, TypeError, ValueError) as exc:
-            raise VmError(f"malformed guest_ram_mappings entry {data!r}: {exc}", where="memory layout") from None
+        except JsonRefused as exc:
+            raise VmError(f"malformed {exc}", where="memory layout") from None
 
 
 def layout(zones: Iterable[ZoneConfig]) -> list[GuestRamMapping]:
@@ -148,7 +151,9 @@ class Zone:
         try:
             if config.shared:
                 if fd is None:
-                    fd = os.memfd_create(f"chmig-{config.id}", os.MFD_CLOEXEC)
+                    # The zone id may be a peer's: only a tame version of it goes into the memfd's name.
+                    name = re.sub(r"[^A-Za-z0-9_.-]", "_", config.id)[:64]
+                    fd = os.memfd_create(f"chmig-{name}", os.MFD_CLOEXEC)
                     os.ftruncate(fd, config.size)
                 elif os.fstat(fd).st_size < config.size:
                     raise VmError(

@@ -113,7 +113,7 @@ class Limits:
     max_page_fault_bytes: int = _limit(1 * GiB, "largest range one PageFault may ask for")
     max_connections: int = _limit(128, "additional connections per migration (connections=N, N in 1..128)")
     max_slots: int = _limit(512, "RAM slots of one VM, and so MemoryFd requests of one migration")
-    max_cpuid_entries: int = _limit(1024, "entries of common_cpuid in a Config")
+    max_cpuid_entries: int = _limit(256, "entries of common_cpuid in a Config (KVM_MAX_CPUID_ENTRIES)")
     role_timeout_s: float = _limit(10.0, "wait for the 2-byte role of an additional connection")
     fault_connection_wait_s: float = _limit(30.0, "wait of a postcopy destination for the source's Fault connection")
     workers_finish_s: float = _limit(30.0, "wait at State for the source to close its memory connections")

@@ -33,9 +33,10 @@ from .kvm import (
     Kvm,
     Vcpu,
 )
+from .jsonlimits import JsonRefused, get_bool, get_int, get_list, get_number, get_object, get_str
 from .memory import GuestMemory, ZoneConfig
 from .options import OptionParser
-from .protocol import MemoryRangeTable
+from .protocol import DEFAULT_LIMITS, MemoryRangeTable
 from .units import MiB, PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -94,7 +95,9 @@ class Workload:
 
     @classmethod
     def from_json(cls, data: dict) -> Workload:
-        workload = cls(str(data["kind"]), int(data["dirty_percent"]), float(data["dirty_rate"]))
+        """A peer's workload, every field of its exact type (raises JsonRefused or UsageError)."""
+        workload = cls(get_str(data, "kind", "workload"), get_int(data, "dirty_percent", "workload", high=100),
+                       get_number(data, "dirty_rate", "workload", 0, 1 << 20))
         workload.validate()
         return workload
 
@@ -158,13 +161,17 @@ class VmConfig:
     def from_json(cls, data: dict) -> VmConfig:
         """Validate a peer's ``vm_config`` before anything is allocated."""
         try:
-            memory = data["memory"]
-            zones = [ZoneConfig("mem0", int(memory["size"]), bool(memory.get("shared", True)))]
-            zones += [ZoneConfig(str(z["id"]), int(z["size"]), bool(z.get("shared", True))) for z in memory.get("zones", [])]
-            config = cls(int(data["cpus"]["boot_vcpus"]), zones, Workload.from_json(data["workload"]))
+            memory = get_object(data, "memory", "vm_config")
+            zones = [ZoneConfig("mem0", get_int(memory, "size", "memory"),
+                                get_bool(memory, "shared", "memory", default=True))]
+            for zone in get_list(memory, "zones", "memory", max_items=DEFAULT_LIMITS.max_slots, default=[]):
+                zones.append(ZoneConfig(get_str(zone, "id", "memory zone"), get_int(zone, "size", "memory zone"),
+                                        get_bool(zone, "shared", "memory zone", default=True)))
+            cpus = get_int(get_object(data, "cpus", "vm_config"), "boot_vcpus", "cpus", high=guest.MAX_VCPUS)
+            config = cls(cpus, zones, Workload.from_json(get_object(data, "workload", "vm_config")))
             config.validate()
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise VmError(f"malformed vm_config: {exc!r}", where="VM config") from None
+        except JsonRefused as exc:
+            raise VmError(f"malformed vm_config: {exc}", where="VM config") from None
         except UsageError as exc:
             raise VmError(f"unacceptable vm_config: {exc.message}", where="VM config") from None
         return config
@@ -530,16 +537,20 @@ class Vm:
             counters = state["devices"]["guest"]["vcpus"]
         except (KeyError, TypeError) as exc:
             raise VmError(f"malformed VM state: missing {exc}", where="VM state") from None
-        if not isinstance(vcpus, list) or len(vcpus) != len(self.vcpus) or len(counters) != len(self.vcpus):
+        if (not isinstance(vcpus, list) or not isinstance(counters, list) or len(vcpus) != len(self.vcpus)
+                or len(counters) != len(self.vcpus)):
             raise VmError(
                 f"state describes {len(vcpus) if isinstance(vcpus, list) else '?'} vCPUs, the VM has {len(self.vcpus)}",
                 where="VM state",
             )
         for vcpu, vcpu_state in zip(self.vcpus, vcpus):
             vcpu.set_state(vcpu_state)
-        for mine, theirs in zip(self.status, counters):
-            for key in mine:
-                mine[key] = int(theirs.get(key, 0))
+        try:
+            for mine, theirs in zip(self.status, counters):
+                for key in mine:
+                    mine[key] = get_int(theirs, key, "guest counters", default=0)
+        except JsonRefused as exc:
+            raise VmError(f"malformed VM state: {exc}", where="VM state") from None
 
     def refresh_status(self) -> None:
         """Re-read every vCPU's status block from guest memory (the guest updates it before reporting)."""
