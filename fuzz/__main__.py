@@ -1,14 +1,13 @@
-"""``python -m fuzz --cases N --seed S [--target wire|api|all] [--inprocess|--process] [--only INDEX ...]``.
+"""``python -m fuzz --cases N --seed S [--target wire|api|pagefault|all] [--inprocess|--process] [--only INDEX ...]``.
 
-Dispatches to :func:`fuzz.wire.run` and, for ``api``/``all``, to ``fuzz.api.run`` when that module exists;
-both have the signature ``run(cases, seed, report) -> failures``.  The exit status is 1 if any case failed.
+Dispatches to :func:`fuzz.wire.run`, ``fuzz.api.run`` and :func:`fuzz.pagefault.run`; each has the
+signature ``run(cases, seed, report) -> failures``.  The exit status is 1 if any case failed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import logging
 import sys
 import time
@@ -23,11 +22,12 @@ def report(line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fuzz",
-        description="Hostile-peer fuzzers: the migration wire (fuzz.wire) and the API socket (fuzz.api).")
+        description="Hostile-peer fuzzers: the migration wire (fuzz.wire), the API socket (fuzz.api) and the "
+                    "source's PageFault server (fuzz.pagefault).")
     parser.add_argument("--cases", type=int, default=1000, help="cases per fuzzer (default 1000)")
     parser.add_argument("--seed", type=int, default=1, help="seed: a case is fixed by (seed, index)")
-    parser.add_argument("--target", choices=["wire", "api", "all"], default="all",
-                        help="which fuzzer (default all: wire, then api if fuzz/api.py exists)")
+    parser.add_argument("--target", choices=["wire", "api", "pagefault", "all"], default="all",
+                        help="which fuzzer (default all: wire, api, pagefault)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--inprocess", dest="mode", action="store_const", const="inprocess",
                        help="wire: every case against an in-process Receiver")
@@ -57,14 +57,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                              show=args.show)
         ran.append("wire")
     if args.target in ("api", "all"):
-        if importlib.util.find_spec("fuzz.api") is None:
-            if args.target == "api":
-                report("fuzz.api is not there yet: nothing to run")
-                return 2
-        else:
-            api = importlib.import_module("fuzz.api")
-            failures += api.run(args.cases, args.seed, report)
-            ran.append("api")
+        from . import api
+
+        failures += api.run(args.cases, args.seed, report)
+        ran.append("api")
+    if args.target in ("pagefault", "all"):
+        from . import pagefault
+
+        failures += pagefault.run(args.cases, args.seed, report, only=args.only)
+        ran.append("pagefault")
     report(f"fuzz ({', '.join(ran)}): {failures} failures in {time.monotonic() - begin:.1f} s, seed {args.seed}")
     return 1 if failures else 0
 
