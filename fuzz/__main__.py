@@ -7,7 +7,6 @@ signature ``run(cases, seed, report) -> failures``.  The exit status is 1 if any
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 import sys
 import time
