@@ -294,10 +294,10 @@ def _read_config(document: Any, j: _Judge) -> ConfigFacts | None:
                     if z is None:
                         continue
                     zone_id = j.string(z, "id", where)
-                    if zone_id is not None and (not zone_id.isprintable() or len(zone_id) > 200):
-                        # A Rust String takes it; a receiver may still refuse an id it cannot name a memfd
-                        # after (NUL, lone surrogates, > 249 bytes) — but cleanly, not with a traceback.
-                        j.doubt(f"zone id {zone_id[:20]!r}… is not a plain printable name")
+                    if zone_id is not None and (not zone_id or not zone_id.isprintable() or len(zone_id) > 128):
+                        # A Rust String takes it; chmig takes only 1..128 printable characters (ids end up in
+                        # memfd names and log lines) — refusing is fair, but cleanly, not with a traceback.
+                        j.doubt(f"zone id {zone_id[:20]!r}… is not a plain printable name of 1..128 characters")
                     zsize = j.uint(z, "size", where)
                     zshared = j.boolean(z, "shared", where, True)
                     if zone_id is not None and zsize is not None:
@@ -317,6 +317,9 @@ def _read_config(document: Any, j: _Judge) -> ConfigFacts | None:
                 j.error("vm_config.workload.dirty_rate is missing")
             elif not _is_number(work["dirty_rate"]) or work["dirty_rate"] < 0:
                 j.error(f"vm_config.workload.dirty_rate={work['dirty_rate']!r} is not a number >= 0")
+            elif work["dirty_rate"] > 1 << 20:
+                # chmig's own field: it takes rates up to 1 Mi MiB/s; refusing a larger one is fair.
+                j.doubt(f"vm_config.workload.dirty_rate={work['dirty_rate']!r} is beyond chmig's 1 Mi MiB/s")
     cpuid = top.get("common_cpuid")
     if cpuid is not None:
         if not isinstance(cpuid, list):
