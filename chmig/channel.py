@@ -368,7 +368,9 @@ class Channel:
     def _read_payload_of(self, request: p.Request) -> IncomingRequest:
         command, length = request.command, request.length
         if command is p.Command.MEMORY:
-            table = p.MemoryRangeTable.decode(self.conn.read_exact(length, what="memory range table"))
+            raw = bytearray(length)  # kept as the table's storage: no second copy
+            self.conn.read_exact_into(raw, what="memory range table")
+            table = p.MemoryRangeTable.decode(raw)
             return IncomingRequest(request, table=table)
         if command is p.Command.MEMORY_FD:
             data, fds = self.conn.recv_fds(p.MEMORY_FD_PAYLOAD_SIZE, maxfds=1)

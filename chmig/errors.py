@@ -26,7 +26,14 @@ from __future__ import annotations
 class ChmigError(Exception):
     """Base of every error chmig raises on purpose."""
 
+    #: A message longer than this is cut: errors are one line, whatever a peer sent.
+    MAX_MESSAGE = 1000
+
     def __init__(self, message: str, *, where: str | None = None) -> None:
+        if len(message) > self.MAX_MESSAGE:
+            message = f"{message[: self.MAX_MESSAGE]}… ({len(message) - self.MAX_MESSAGE} more characters)"
+        if where is not None and len(where) > 200:
+            where = where[:200] + "…"
         self.message = message
         self.where = where
         super().__init__(f"{where}: {message}" if where else message)

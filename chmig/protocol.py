@@ -116,7 +116,8 @@ class Limits:
     max_cpuid_entries: int = _limit(256, "entries of common_cpuid in a Config (KVM_MAX_CPUID_ENTRIES)")
     role_timeout_s: float = _limit(10.0, "wait for the 2-byte role of an additional connection")
     fault_connection_wait_s: float = _limit(30.0, "wait of a postcopy destination for the source's Fault connection")
-    workers_finish_s: float = _limit(30.0, "wait at State for the source to close its memory connections")
+    workers_finish_s: float = _limit(5.0, "wait at State for the memory connections to close (the source closed "
+                                          "them before sending State; below paused_response_timeout_s)")
     first_request_timeout_s: float = _limit(10.0, "silence of a new main connection before its first request "
                                                   "(then it is dropped and the receiver keeps listening)")
     stall_timeout_s: float = _limit(60.0, "silence inside a message, or before Config, before the peer is given up")
@@ -377,13 +378,15 @@ class PackedRanges(Sequence[MemoryRange]):
     eight times the 16 MiB they take on the wire.  Read-only.
     """
 
-    def __init__(self, data: bytes) -> None:
-        self._data = data
+    def __init__(self, data: bytes | bytearray) -> None:
+        self._data = data  # owned: nobody else writes it
 
     def __len__(self) -> int:
         return len(self._data) // MEMORY_RANGE_SIZE
 
-    def __getitem__(self, index: int) -> MemoryRange:  # type: ignore[override]
+    def __getitem__(self, index: int | slice) -> MemoryRange | list[MemoryRange]:  # type: ignore[override]
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]  # type: ignore[misc]
         if index < 0:
             index += len(self)
         if not 0 <= index < len(self):
@@ -397,7 +400,7 @@ class PackedRanges(Sequence[MemoryRange]):
         return list(self) == list(other) if isinstance(other, (list, PackedRanges)) else NotImplemented
 
     def wire(self) -> bytes:
-        return self._data
+        return bytes(self._data)
 
 
 @dataclass
@@ -416,10 +419,17 @@ class MemoryRangeTable:
         return bool(self.ranges)
 
     def append(self, rng: MemoryRange) -> None:
+        self._unpack()
         self.ranges.append(rng)
 
     def extend(self, other: Iterable[MemoryRange]) -> None:
+        self._unpack()
         self.ranges.extend(other)
+
+    def _unpack(self) -> None:
+        """A received (packed) table becomes a plain list before it is changed."""
+        if isinstance(self.ranges, PackedRanges):
+            self.ranges = list(self.ranges)
 
     @property
     def byte_length(self) -> int:
@@ -443,7 +453,7 @@ class MemoryRangeTable:
                 f"memory range table of {len(data)} bytes is not a multiple of {MEMORY_RANGE_SIZE}",
                 where="Memory",
             )
-        ranges = PackedRanges(bytes(data))
+        ranges = PackedRanges(data)
         for gpa, length in ranges:
             if gpa + length > _U64_MAX + 1:
                 raise ProtocolError(

@@ -142,6 +142,7 @@ class Acceptor:
         try:
             self._serve(conn)
         finally:
+            self.threads.release(conn.shutdown)
             with self._lock:
                 self._open -= 1
 
@@ -158,9 +159,13 @@ class Acceptor:
             log.warning("dropping additional connection %s: %s", conn.peer, exc.message)
             conn.close()
             return
-        conn.set_nodelay()
-        if handler(channel):
-            self.threads.release(conn.shutdown)
+        try:
+            conn.set_nodelay()
+        except ChmigError as exc:
+            log.warning("dropping additional connection %s: %s", conn.peer, exc.message)
+            conn.close()
+            return
+        handler(channel)
 
     def _name(self, role: p.ConnectionRole) -> str:
         """``memory-0``, ``memory-1``, ``fault-0`` ...: numbered per role, in the order roles arrive."""
@@ -203,6 +208,8 @@ class MemoryWorkers:
                 channel.answer_ok()
         except ChmigError as exc:
             log.error("dropping additional connection %s (%s): %s", channel.name, channel.peer, exc)
+            # Any failure after the role counts, even on a first request: a lost chunk must fail State.
+            # (Probes that fail before announcing a role never get here.)
             self._failed(str(exc))
             channel.answer_error(exc.message)
         except Exception as exc:
@@ -245,6 +252,8 @@ class Receiver:
         self.workers: MemoryWorkers | None = None
         self.channel: Channel | None = None
         self._cancelled = threading.Event()
+        self._cancel_lock = threading.Lock()
+        self._completing = False
 
     @property
     def vm(self) -> Vm | None:
@@ -259,7 +268,12 @@ class Receiver:
     def run(self, accept_timeout: float | None = None) -> Vm:
         """Accept the sender's main connection and follow the protocol to Completed; the caller owns the VM."""
         self.stats.url = str(self.listener.address)
-        channel, first = self._accept_sender(accept_timeout)
+        try:
+            channel, first = self._accept_sender(accept_timeout)
+        except BaseException as exc:
+            self.discard()
+            self.stats.finish("cancelled" if self._cancelled.is_set() else "failed", str(exc))
+            raise
         self.channel = channel
         if self._cancelled.is_set():
             channel.shutdown()
@@ -379,7 +393,16 @@ class Receiver:
             log.exception("bug in chmig while handling %s; answering Error", step)
             channel.answer_error("internal error")
             raise InternalError(f"while handling {step}: {exc!r}", where="receive") from exc
-        channel.answer_ok()
+        if self.machine.state is not p.ReceiverState.COMPLETED:
+            channel.answer_ok()
+            return
+        # The destination's point of no return: the VM may already be running here (and, in a local
+        # migration, writing the shared memory), so a lost Ok must not throw it away.
+        try:
+            channel.answer_ok()
+        except ChmigError as exc:
+            log.warning("could not answer Ok to %s (%s): the VM is kept here; the source will report the "
+                        "outcome as unknown", step, exc)
 
     # -- the steps -----------------------------------------------------------------------------------
 
@@ -422,11 +445,19 @@ class Receiver:
         self.destination.restore(incoming.payload)
 
     def on_complete(self, channel: Channel, incoming: IncomingRequest) -> None:
-        """Protocol step *Complete*: resume the VM."""
+        """Protocol step *Complete*: resume the VM (from here on it is never discarded, see :meth:`cancel`)."""
+        with self._cancel_lock:
+            if self._cancelled.is_set():
+                raise MigrationError("the migration was cancelled on the destination", where="Complete")
+            self._completing = True
         self.destination.complete(resume=True)
 
     def on_complete_paused(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *CompletePaused*: the VM stays paused, as it was on the source."""
+        with self._cancel_lock:
+            if self._cancelled.is_set():
+                raise MigrationError("the migration was cancelled on the destination", where="CompletePaused")
+            self._completing = True
         self.destination.complete(resume=False)
 
     def on_abandon(self, channel: Channel, incoming: IncomingRequest) -> None:
@@ -460,8 +491,15 @@ class Receiver:
                 return
 
     def cancel(self) -> None:
-        """Stop this migration from another thread: the listener and every connection are shut."""
-        self._cancelled.set()
+        """Stop this migration from another thread: the listener and every connection are shut.
+
+        Too late once Complete arrived: the VM may be running here already.
+        """
+        with self._cancel_lock:
+            if self._completing:
+                log.warning("not cancelling: Complete has arrived, the VM is this destination's now")
+                return
+            self._cancelled.set()
         self.threads.stop()
         self.listener.abort()
         if self.channel is not None:

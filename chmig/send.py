@@ -133,14 +133,17 @@ class MemorySender:
         tls = self.options.tls()
         try:
             for n in range(self.options.connections):
+                if self.threads.stopping.is_set():
+                    raise MigrationError("the migration was cancelled", where="memory connections")
                 conn = connect(self.options.url, tls)
                 channel = Channel(conn, side=p.Side.SOURCE, name=f"memory-{n}", observers=self.observers)
                 self.workers.append(channel)
+                self.threads.add_stopper(channel.shutdown)
                 channel.set_nodelay()
                 channel.set_timeout(self.limits.response_timeout_s)
                 channel.send_role(p.ConnectionRole.PRECOPY_MEMORY)
             for channel in self.workers:
-                self.threads.start(f"migrate-send-{channel.name}", self._worker, channel, stopper=channel.shutdown)
+                self.threads.start(f"migrate-send-{channel.name}", self._worker, channel)
         except BaseException:
             self.close()
             raise
@@ -219,6 +222,7 @@ class Sender:
         self.channel: Channel | None = None
         self.memory_sender: MemorySender | None = None
         self._cancelled = threading.Event()
+        self._cancel_lock = threading.Lock()
 
     @property
     def cancelled(self) -> bool:
@@ -230,11 +234,11 @@ class Sender:
         options = self.options
         conn = connect(options.url, options.tls())
         self.channel = Channel(conn, side=p.Side.SOURCE, observers=self.observers)
-        # A small final iteration stalled 44 ms on Nagle + delayed ACK without this (bench/precopy.py).
-        self.channel.set_nodelay()
-        # A destination that goes silent must not hold the VM here: every answer has a bound.
-        self.channel.set_timeout(self.limits.response_timeout_s)
         try:
+            # A small final iteration stalled 44 ms on Nagle + delayed ACK without this (bench/precopy.py).
+            self.channel.set_nodelay()
+            # A destination that goes silent must not hold the VM here: every answer has a bound.
+            self.channel.set_timeout(self.limits.response_timeout_s)
             if self._cancelled.is_set():
                 raise MigrationError("the migration was cancelled", where="send")
             self._migrate()
@@ -249,8 +253,15 @@ class Sender:
             self.channel.close()
 
     def cancel(self) -> None:
-        """Stop the migration from another thread: every connection is shut; run() rolls back and raises."""
-        self._cancelled.set()
+        """Stop the migration from another thread: every connection is shut; run() rolls back and raises.
+
+        Too late once Complete was sent (the point of no return): then nothing is done.
+        """
+        with self._cancel_lock:
+            if self.complete_sent:
+                log.warning("not cancelling: Complete was already sent")
+                return
+            self._cancelled.set()
         if self.channel is not None:
             self.channel.shutdown()
         memory_sender = self.memory_sender
@@ -290,7 +301,10 @@ class Sender:
         complete = p.Request.complete() if self.was_running else p.Request.complete_paused()
         self.machine.check_send(complete.command)
         assert self.channel is not None
-        self.complete_sent = True  # from here on the destination may be running the VM
+        with self._cancel_lock:
+            if self.cancelled:
+                raise MigrationError("the migration was cancelled", where="Complete")
+            self.complete_sent = True  # from here on the destination may be running the VM
         self.channel.request_ok(complete)
         self.machine.acknowledged(complete.command)
         self.handed_over = True

@@ -37,7 +37,7 @@ class MigrationStats:
     mode: str = "precopy"  # precopy | local | postcopy
     url: str = ""
     connections: int = 1
-    status: str = "running"  # running | completed | failed | cancelled | abandoned
+    status: str = "running"  # running | completed | failed | cancelled | abandoned | unknown (see send.py)
     error: str | None = None
     total_time_ms: float = 0.0
     total_bytes: int = 0

@@ -45,10 +45,19 @@ class ThreadGroup:
                 raise RuntimeError(f"{self.name}: cannot start {name}: the group is stopping")
             # Started under the lock, so wait() never sees a thread that is listed but not yet started.
             thread.start()
+            # Forget the ones that ended: a long-lived group (an acceptor) must not grow per connection.
+            self._threads = [t for t in self._threads if t.is_alive()]
             self._threads.append(thread)
             if stopper is not None:
                 self._stoppers.append(stopper)
         return thread
+
+    def add_stopper(self, stopper: Stopper) -> None:
+        """One more way to stop the group (e.g. a connection opened before its thread starts)."""
+        with self._lock:
+            self._stoppers.append(stopper)
+        if self.stopping.is_set():
+            _call(stopper, self.name)
 
     def release(self, stopper: Stopper) -> None:
         """Forget ``stopper``: what it would stop was handed to another owner (e.g. a Fault connection)."""

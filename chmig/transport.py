@@ -89,6 +89,9 @@ TCP_KEEPIDLE_S = 60
 TCP_KEEPINTVL_S = 15
 TCP_KEEPCNT = 4
 TCP_USER_TIMEOUT_MS = 120_000
+#: Under a timeout, TLS data is written this much per call: a TLS write is not partial, so its timeout
+#: would otherwise bound the whole piece, not the silence.
+TLS_SEND_STEP = 1 << 20
 
 # How long the receiver gives a freshly connected peer to finish the TLS
 # handshake before giving up on it.  Cloud Hypervisor has no such bound.
@@ -614,10 +617,12 @@ class Connection:
             if self.socket.gettimeout() is None:
                 self.socket.sendall(data)
                 return
+            # One SSL_write is all or nothing under the timeout, so TLS goes in bounded steps.
+            step = TLS_SEND_STEP if self._is_tls else None
             with memoryview(data) as outer, outer.cast("B") as view:
                 sent, total = 0, view.nbytes
                 while sent < total:
-                    sent += self.socket.send(view[sent:])
+                    sent += self.socket.send(view[sent : sent + step] if step else view[sent:])
         except (TimeoutError, ssl.SSLError, OSError) as e:
             size = memoryview(data).nbytes
             raise TransportError(

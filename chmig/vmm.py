@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 from . import __version__
 from .channel import Observers
-from .errors import StuckThreadError, UsageError, VmError
+from .errors import MigrationError, StuckThreadError, UsageError, VmError
 from .memory import GuestMemory
 from .receive import ReceiveOptions, Receiver
 from .send import SendOptions, Sender, new_stats, send_migration
@@ -53,7 +53,11 @@ class MigrationTask:
         self.error: BaseException | None = None
 
     def start(self) -> None:
-        self.threads.start(f"migration-{self.kind}", self._body, stopper=self._cancel)
+        try:
+            self.threads.start(f"migration-{self.kind}", self._body, stopper=self._cancel)
+        except RuntimeError:  # cancelled before it could start
+            self.error = MigrationError(f"the {self.kind} was cancelled before it started", where=self.kind)
+            self.done.set()
 
     def _body(self) -> None:
         try:
@@ -71,7 +75,7 @@ class MigrationTask:
             raise self.error
         return self.result
 
-    def cancel(self, timeout: float = 30.0) -> None:
+    def cancel(self, timeout: float = 45.0) -> None:
         """Stop the migration (its connections are shut) and join its thread by ``timeout``."""
         self.threads.close(timeout)
 
@@ -192,9 +196,11 @@ class Vmm:
             with self.lock:
                 on_success(result)
             return result
-        except BaseException:
+        except BaseException as exc:
             if not task.done.is_set():  # the waiter was interrupted (Ctrl-C): stop the migration too
                 task.cancel()
+            if self.migration is not None and self.migration.status == "running":
+                self.migration.finish("cancelled" if isinstance(exc, MigrationError) else "failed", str(exc))
             raise
         finally:
             with self.lock:
