@@ -35,3 +35,39 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 @pytest.fixture(scope="session")
 def tls_dirs(pki: Pki) -> dict[str, Path]:
     return {"good": pki.good, "other": pki.stranger}
+
+
+class BackgroundCall:
+    """An API call made from a thread (``receive-migration`` blocks until the migration ends)."""
+
+    def __init__(self, vmm: VmmProcess, method: str, action: str, body: dict, timeout: float = 150) -> None:
+        import threading
+
+        self.outcome: list[BaseException | None] = []
+        self.thread = threading.Thread(target=self._call, args=(vmm, method, action, body, timeout),
+                                       name=f"test-{action}")
+        self.thread.start()
+
+    def _call(self, vmm: VmmProcess, method: str, action: str, body: dict, timeout: float) -> None:
+        try:
+            vmm.call(method, action, body, timeout=timeout)
+            self.outcome.append(None)
+        except BaseException as exc:  # the test asserts on it
+            self.outcome.append(exc)
+
+    def wait_for_file(self, path: Path | str) -> None:
+        """Until ``path`` exists (the receiver's listening socket) or the call ended."""
+        while not os.path.exists(path) and self.thread.is_alive():
+            self.thread.join(0.05)
+
+    def result(self, timeout: float = 60) -> BaseException | None:
+        self.thread.join(timeout)
+        assert self.outcome, "the API call did not return"
+        return self.outcome[0]
+
+
+def receive_through_api(vmm: VmmProcess, socket_path: Path) -> BackgroundCall:
+    """``vm.receive-migration`` on ``unix:socket_path``, returned once the socket listens."""
+    call = BackgroundCall(vmm, "PUT", "vm.receive-migration", {"receiver_url": f"unix:{socket_path}"})
+    call.wait_for_file(socket_path)
+    return call

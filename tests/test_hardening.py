@@ -23,7 +23,7 @@ from chmig.memory import GuestRamMapping, ZoneConfig
 from chmig.receive import Receiver
 from chmig.transport import listen, parse_url
 
-from .conftest import Processes, requires_kvm
+from .conftest import Processes, receive_through_api, requires_kvm
 from .wire import config_payload
 
 pytestmark = [requires_kvm, pytest.mark.timeout(120)]
@@ -109,23 +109,9 @@ def test_a_vm_received_through_the_api_can_be_paused(procs: Processes, tmp_path:
     source = procs.run(*VM_ARGS)
     source.wait_rounds(1)
     empty = procs.run()
-    url = f"unix:{tmp_path}/incoming.sock"
-    done: list[BaseException | None] = []
-
-    def receive() -> None:
-        try:
-            empty.call("PUT", "vm.receive-migration", {"receiver_url": url}, timeout=90)
-            done.append(None)
-        except BaseException as exc:
-            done.append(exc)
-
-    thread = threading.Thread(target=receive, name="test-receive")
-    thread.start()
-    while not os.path.exists(f"{tmp_path}/incoming.sock"):
-        thread.join(0.05)
-    source.call("PUT", "vm.send-migration", {"destination_url": url}, timeout=90)
-    thread.join(60)
-    assert done == [None]
+    receiving = receive_through_api(empty, tmp_path / "incoming.sock")
+    source.call("PUT", "vm.send-migration", {"destination_url": f"unix:{tmp_path}/incoming.sock"}, timeout=90)
+    assert receiving.result() is None
     for _ in range(3):  # before the fix the first pause killed the VMM with SIGUSR1
         empty.call("PUT", "vm.pause")
         assert empty.info()["state"] == "Paused"

@@ -17,7 +17,7 @@ import pytest
 from chmig.api import ApiError
 from .proxy import ThrottledProxy
 
-from .conftest import Processes, VmmProcess, requires_kvm
+from .conftest import Processes, VmmProcess, receive_through_api, requires_kvm
 
 pytestmark = [requires_kvm, pytest.mark.timeout(180)]
 
@@ -228,22 +228,8 @@ def test_receive_migration_on_an_empty_vmm(procs: Processes, tmp_path: Path) -> 
     source = procs.run(*VM_ARGS)
     before = source.wait_rounds(2)
     empty = procs.run()
-    url = f"unix:{tmp_path}/incoming.sock"
-    result: list[BaseException | None] = []
-
-    def receive() -> None:
-        try:
-            empty.call("PUT", "vm.receive-migration", {"receiver_url": url}, timeout=150)
-            result.append(None)
-        except BaseException as exc:
-            result.append(exc)
-
-    thread = threading.Thread(target=receive, name="test-receive")
-    thread.start()
-    while not os.path.exists(f"{tmp_path}/incoming.sock"):
-        thread.join(0.05)
-    send(source, url)
-    thread.join(60)
-    assert result == [None]
+    receiving = receive_through_api(empty, tmp_path / "incoming.sock")
+    send(source, f"unix:{tmp_path}/incoming.sock")
+    assert receiving.result() is None
     assert source.wait_exit(30) == 0
     assert_continues(empty, before)
