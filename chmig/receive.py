@@ -446,19 +446,20 @@ class Receiver:
 
     def on_complete(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Complete*: resume the VM (from here on it is never discarded, see :meth:`cancel`)."""
-        with self._cancel_lock:
-            if self._cancelled.is_set():
-                raise MigrationError("the migration was cancelled on the destination", where="Complete")
-            self._completing = True
+        self._pass_point_of_no_return("Complete")
         self.destination.complete(resume=True)
 
     def on_complete_paused(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *CompletePaused*: the VM stays paused, as it was on the source."""
+        self._pass_point_of_no_return("CompletePaused")
+        self.destination.complete(resume=False)
+
+    def _pass_point_of_no_return(self, step: str) -> None:
+        """From here on a cancel is refused and the VM is never discarded (unless a cancel came first)."""
         with self._cancel_lock:
             if self._cancelled.is_set():
-                raise MigrationError("the migration was cancelled on the destination", where="CompletePaused")
+                raise MigrationError("the migration was cancelled on the destination", where=step)
             self._completing = True
-        self.destination.complete(resume=False)
 
     def on_abandon(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Abandon*: answered Ok; the loop then discards the VM."""
