@@ -155,14 +155,16 @@ SEND_MIGRATION_FIELDS: dict[str, type] = {
     "connections": int,
     "tls_dir": str,
     "memory_mode": str,
+    "fault_connections": int,
 }
 RECEIVE_MIGRATION_FIELDS: dict[str, type] = {
     "receiver_url": str,
     "tls_dir": str,
     "memory_mode": str,
+    "prefetch": str,
 }
 #: Fields whose Cloud Hypervisor type is an ``Option``: null is their default.
-NULLABLE_FIELDS = ("tls_dir",)
+NULLABLE_FIELDS = ("tls_dir", "prefetch")
 
 
 def _send_migration(vmm: Vmm, body: Any) -> dict:

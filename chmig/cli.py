@@ -67,7 +67,14 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--api-socket", help="serve the received VM's API on this UNIX socket")
     receive.add_argument("--serial", default="tty", help="tty, off or file=PATH (default tty)")
     receive.add_argument("--exit-after-migration", action="store_true",
-                         help="exit once the migration finished instead of running the VM")
+                         help="exit once the migration finished (after postcopy: once the VM is whole) "
+                              "instead of running the VM")
+    receive.add_argument("--memory-mode", choices=["precopy", "postcopy"], default="precopy",
+                         help="how the memory comes: precopy (before the VM runs here, the default) or postcopy "
+                              "(the VM runs at once and faults its pages in; the source must say so too)")
+    receive.add_argument("--prefetch", metavar="SIZE|page|off",
+                         help="postcopy: pull the pages no fault asked for in ranges of SIZE (256K..2M, default "
+                              "1M); page = one page per idle loop (Cloud Hypervisor's way); off = no pull")
 
     offload = sub.add_parser("offload", help="snapshot/restore daemon (Cloud Hypervisor's offload_daemon)")
     offload.set_defaults(handler=_not_implemented("offload"))

@@ -17,6 +17,7 @@ line and exits non-zero, so messages are written to stand alone.
         │   ├── ListenerAborted  the owner stopped a listener that was waiting in accept
         │   └── PeerSilent       the peer sent nothing for longer than it may
         ├── PeerError       the peer answered Error
+        ├── PostcopyError   postcopy failed after the hand-over (the source holds the missing pages)
         └── ConvergenceError  precopy did not converge and the strategy is cancel
 """
 
@@ -65,6 +66,10 @@ class InternalError(ChmigError):
 
 class MigrationError(ChmigError):
     """A migration failed."""
+
+
+class PostcopyError(MigrationError):
+    """Postcopy failed after the hand-over: the pages not yet pulled exist only on the source."""
 
 
 class ProtocolError(MigrationError):

@@ -29,7 +29,8 @@ rest of the program.
 The ioctl request numbers are computed exactly as the header does, with the
 ``_IO``/``_IOR``/``_IOW``/``_IOWR`` macros from ``<asm-generic/ioctl.h>``:
 direction, size of the argument struct, the KVM "magic" type ``KVMIO`` (0xAE)
-and a command number.
+and a command number.  Those macros, the ioctl call itself and
+``address_of`` live in :mod:`chmig.ioctl`, shared with :mod:`chmig.uffd`.
 
 Guest memory
 ------------
@@ -64,7 +65,11 @@ from typing import Any, Self
 
 import cffi
 
+from chmig import ioctl as _shared_ioctl
 from chmig.errors import KvmError
+from chmig.ioctl import _IO, _IOR, _IOW, _IOWR, address_of
+from chmig.ioctl import errno_text as _errno_text
+from chmig.ioctl import ioctl as _ioctl_raw
 from chmig.units import PAGE_SIZE
 
 __all__ = [
@@ -444,98 +449,51 @@ ffi.cdef(
 # ioctl request numbers (<asm-generic/ioctl.h>, x86 uses the generic layout)
 # --------------------------------------------------------------------------
 #
-#   bits  0..7   command number (nr)
-#   bits  8..15  type ("magic", KVMIO for KVM)
-#   bits 16..29  size of the argument struct
-#   bits 30..31  direction: none, write (user -> kernel), read (kernel -> user)
+# The _IO/_IOR/_IOW/_IOWR macros live in chmig.ioctl (shared with chmig.uffd);
+# where the header writes the argument type, the size of it is passed.
 
-_IOC_NRBITS = 8
-_IOC_TYPEBITS = 8
-_IOC_SIZEBITS = 14
-_IOC_DIRBITS = 2
-
-_IOC_NRSHIFT = 0
-_IOC_TYPESHIFT = _IOC_NRSHIFT + _IOC_NRBITS
-_IOC_SIZESHIFT = _IOC_TYPESHIFT + _IOC_TYPEBITS
-_IOC_DIRSHIFT = _IOC_SIZESHIFT + _IOC_SIZEBITS
-
-_IOC_NONE = 0
-_IOC_WRITE = 1
-_IOC_READ = 2
-
-
-def _IOC(direction: int, type_: int, nr: int, size: int) -> int:
-    """Build an ioctl request number like the kernel's ``_IOC`` macro."""
-    if size >= 1 << _IOC_SIZEBITS:
-        raise ValueError(f"ioctl argument size {size} does not fit in {_IOC_SIZEBITS} bits")
-    return (
-        (direction << _IOC_DIRSHIFT)
-        | (type_ << _IOC_TYPESHIFT)
-        | (nr << _IOC_NRSHIFT)
-        | (size << _IOC_SIZESHIFT)
-    )
-
-
-def _IO(type_: int, nr: int) -> int:
-    """``_IO(type, nr)``: an ioctl without a pointer argument."""
-    return _IOC(_IOC_NONE, type_, nr, 0)
-
-
-def _IOR(type_: int, nr: int, ctype: str) -> int:
-    """``_IOR(type, nr, type)``: the kernel writes a ``ctype`` back to us."""
-    return _IOC(_IOC_READ, type_, nr, ffi.sizeof(ctype))
-
-
-def _IOW(type_: int, nr: int, ctype: str) -> int:
-    """``_IOW(type, nr, type)``: we pass a ``ctype`` to the kernel."""
-    return _IOC(_IOC_WRITE, type_, nr, ffi.sizeof(ctype))
-
-
-def _IOWR(type_: int, nr: int, ctype: str) -> int:
-    """``_IOWR(type, nr, type)``: a ``ctype`` travels both ways."""
-    return _IOC(_IOC_READ | _IOC_WRITE, type_, nr, ffi.sizeof(ctype))
-
+_IOC = _shared_ioctl._IOC  # still reachable as kvm._IOC
 
 KVMIO = 0xAE
 
 # ioctls for /dev/kvm fds
 KVM_GET_API_VERSION = _IO(KVMIO, 0x00)
 KVM_CREATE_VM = _IO(KVMIO, 0x01)  # returns a VM fd
-KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, "struct kvm_msr_list")
+KVM_GET_MSR_INDEX_LIST = _IOWR(KVMIO, 0x02, ffi.sizeof("struct kvm_msr_list"))
 KVM_CHECK_EXTENSION = _IO(KVMIO, 0x03)  # also valid on a VM fd
 KVM_GET_VCPU_MMAP_SIZE = _IO(KVMIO, 0x04)  # in bytes
-KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, "struct kvm_cpuid2")
+KVM_GET_SUPPORTED_CPUID = _IOWR(KVMIO, 0x05, ffi.sizeof("struct kvm_cpuid2"))
 
 # ioctls for VM fds
 KVM_CREATE_VCPU = _IO(KVMIO, 0x41)
-KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, "struct kvm_dirty_log")
-KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, "struct kvm_userspace_memory_region")
+KVM_GET_DIRTY_LOG = _IOW(KVMIO, 0x42, ffi.sizeof("struct kvm_dirty_log"))
+KVM_SET_USER_MEMORY_REGION = _IOW(KVMIO, 0x46, ffi.sizeof("struct kvm_userspace_memory_region"))
 KVM_SET_TSS_ADDR = _IO(KVMIO, 0x47)
-KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, "__u64")
+KVM_SET_IDENTITY_MAP_ADDR = _IOW(KVMIO, 0x48, ffi.sizeof("__u64"))
 
 # ioctls for vcpu fds
 KVM_RUN = _IO(KVMIO, 0x80)
-KVM_GET_REGS = _IOR(KVMIO, 0x81, "struct kvm_regs")
-KVM_SET_REGS = _IOW(KVMIO, 0x82, "struct kvm_regs")
-KVM_GET_SREGS = _IOR(KVMIO, 0x83, "struct kvm_sregs")
-KVM_SET_SREGS = _IOW(KVMIO, 0x84, "struct kvm_sregs")
-KVM_GET_MSRS = _IOWR(KVMIO, 0x88, "struct kvm_msrs")
-KVM_SET_MSRS = _IOW(KVMIO, 0x89, "struct kvm_msrs")
-KVM_GET_FPU = _IOR(KVMIO, 0x8C, "struct kvm_fpu")
-KVM_SET_FPU = _IOW(KVMIO, 0x8D, "struct kvm_fpu")
-KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, "struct kvm_cpuid2")
-KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, "struct kvm_cpuid2")
-KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, "struct kvm_mp_state")
-KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, "struct kvm_mp_state")
-KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, "struct kvm_vcpu_events")
-KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, "struct kvm_vcpu_events")
-KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, "struct kvm_debugregs")
-KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, "struct kvm_debugregs")
-KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, "struct kvm_xsave")
-KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, "struct kvm_xsave")
-KVM_GET_XCRS = _IOR(KVMIO, 0xA6, "struct kvm_xcrs")
-KVM_SET_XCRS = _IOW(KVMIO, 0xA7, "struct kvm_xcrs")
-KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, "struct kvm_xsave")
+KVM_GET_REGS = _IOR(KVMIO, 0x81, ffi.sizeof("struct kvm_regs"))
+KVM_SET_REGS = _IOW(KVMIO, 0x82, ffi.sizeof("struct kvm_regs"))
+KVM_GET_SREGS = _IOR(KVMIO, 0x83, ffi.sizeof("struct kvm_sregs"))
+KVM_SET_SREGS = _IOW(KVMIO, 0x84, ffi.sizeof("struct kvm_sregs"))
+KVM_GET_MSRS = _IOWR(KVMIO, 0x88, ffi.sizeof("struct kvm_msrs"))
+KVM_SET_MSRS = _IOW(KVMIO, 0x89, ffi.sizeof("struct kvm_msrs"))
+KVM_GET_FPU = _IOR(KVMIO, 0x8C, ffi.sizeof("struct kvm_fpu"))
+KVM_SET_FPU = _IOW(KVMIO, 0x8D, ffi.sizeof("struct kvm_fpu"))
+KVM_SET_CPUID2 = _IOW(KVMIO, 0x90, ffi.sizeof("struct kvm_cpuid2"))
+KVM_GET_CPUID2 = _IOWR(KVMIO, 0x91, ffi.sizeof("struct kvm_cpuid2"))
+KVM_GET_MP_STATE = _IOR(KVMIO, 0x98, ffi.sizeof("struct kvm_mp_state"))
+KVM_SET_MP_STATE = _IOW(KVMIO, 0x99, ffi.sizeof("struct kvm_mp_state"))
+KVM_GET_VCPU_EVENTS = _IOR(KVMIO, 0x9F, ffi.sizeof("struct kvm_vcpu_events"))
+KVM_SET_VCPU_EVENTS = _IOW(KVMIO, 0xA0, ffi.sizeof("struct kvm_vcpu_events"))
+KVM_GET_DEBUGREGS = _IOR(KVMIO, 0xA1, ffi.sizeof("struct kvm_debugregs"))
+KVM_SET_DEBUGREGS = _IOW(KVMIO, 0xA2, ffi.sizeof("struct kvm_debugregs"))
+KVM_GET_XSAVE = _IOR(KVMIO, 0xA4, ffi.sizeof("struct kvm_xsave"))
+KVM_SET_XSAVE = _IOW(KVMIO, 0xA5, ffi.sizeof("struct kvm_xsave"))
+KVM_GET_XCRS = _IOR(KVMIO, 0xA6, ffi.sizeof("struct kvm_xcrs"))
+KVM_SET_XCRS = _IOW(KVMIO, 0xA7, ffi.sizeof("struct kvm_xcrs"))
+KVM_GET_XSAVE2 = _IOR(KVMIO, 0xCF, ffi.sizeof("struct kvm_xsave"))
 
 KVM_API_VERSION = 12
 
@@ -726,13 +684,6 @@ _VMX_ENTRY_FAILURE_HINTS: dict[int, str] = {
 # --------------------------------------------------------------------------
 
 
-def _errno_text(err: int | None) -> str:
-    if err is None:
-        return "unknown error"
-    name = _errno.errorcode.get(err, str(err))
-    return f"{os.strerror(err)} ({name})"
-
-
 def _kvm_error(exc: OSError, where: str, what: str = "") -> KvmError:
     """Turn an ``OSError`` from ``fcntl.ioctl`` into a :class:`KvmError`."""
     message = _errno_text(exc.errno)
@@ -748,40 +699,13 @@ def ioctl(fd: int, request: int, arg: Any = 0, *, where: str) -> int:
 
     ``arg`` is either an ``int`` (passed by value, as for ``KVM_CREATE_VCPU``)
     or a cffi pointer / writable buffer whose memory the kernel may read and
-    write in place (``fcntl.ioctl`` bounces buffers of up to 1024 bytes
-    through a copy and writes the result back; larger ones are passed
-    directly).  Failures raise :class:`KvmError` naming ``where``.
+    write in place (see :func:`chmig.ioctl.ioctl`).  Failures raise
+    :class:`KvmError` naming ``where``.
     """
     try:
-        if isinstance(arg, int):
-            return fcntl.ioctl(fd, request, arg)
-        if isinstance(arg, ffi.CData):
-            arg = ffi.buffer(arg)
-        return fcntl.ioctl(fd, request, arg, True)
+        return _ioctl_raw(fd, request, arg)
     except OSError as exc:
         raise _kvm_error(exc, where) from exc
-
-
-def _ioctl_raw(fd: int, request: int, arg: Any) -> int:
-    """Like :func:`ioctl` but lets ``OSError`` through (for E2BIG/EINTR logic)."""
-    if isinstance(arg, ffi.CData):
-        arg = ffi.buffer(arg)
-    return fcntl.ioctl(fd, request, arg, True)
-
-
-def address_of(buffer: Any) -> int:
-    """Return the address of a buffer's first byte (for ``userspace_addr``).
-
-    Use it with :class:`mmap.mmap` objects: their memory never moves.  (A
-    ``bytearray`` may be reallocated when resized - don't hand one to KVM.)
-    The temporary ``ffi.from_buffer`` export is released at once, so the
-    mmap can still be closed later.
-    """
-    pointer = ffi.from_buffer(buffer)
-    try:
-        return int(ffi.cast("uintptr_t", pointer))
-    finally:
-        ffi.release(pointer)
 
 
 def _as_int(value: Any, bits: int, what: str, where: str) -> int:

@@ -27,7 +27,7 @@ import mmap
 import os
 import re
 from dataclasses import asdict, dataclass
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Protocol
 
 from .errors import UsageError, VmError
 from .jsonlimits import U32_MAX, JsonRefused, get_bool, get_int, get_str
@@ -141,6 +141,12 @@ def validate_layout(zones: list[ZoneConfig], mappings: list[GuestRamMapping],
         raise VmError("guest RAM slots do not cover the zones exactly", where="memory layout")
 
 
+class PresentPageMap(Protocol):
+    """Which pages of guest RAM are present (postcopy's bitmap)."""
+
+    def is_present(self, gpa: int, length: int = PAGE_SIZE) -> bool: ...
+
+
 class Zone:
     """One zone's backing: a memfd (shared) or anonymous memory, mapped whole."""
 
@@ -213,6 +219,9 @@ class GuestMemory:
         self.regions = sorted((Region(m, self.zones[m.zone_id]) for m in mappings), key=lambda r: r.gpa)
         # Slot start addresses, for an O(log n) lookup: a peer's table may hold a million ranges.
         self._starts = [r.gpa for r in self.regions]
+        #: During postcopy, which pages are here (:class:`chmig.postcopy.PresentPages`); None when all are.
+        #: Python code holding the GIL must not touch a page that is not (see :meth:`readable`).
+        self.present: PresentPageMap | None = None
 
     @classmethod
     def create(cls, zone_configs: list[ZoneConfig], fds: dict[str, int] | None = None) -> GuestMemory:
@@ -275,6 +284,18 @@ class GuestMemory:
             stop = min(end, region.end)
             yield gpa, stop - gpa
             gpa = stop
+
+    def readable(self, gpa: int, length: int) -> bool:
+        """May Python read ``[gpa, gpa+length)`` now?  Not while postcopy has not brought it in.
+
+        Reading a page userfaultfd still waits for would block this thread in
+        the kernel with the GIL held, and the fault thread could never resolve
+        it (see :mod:`chmig.postcopy`).
+        """
+        present = self.present
+        if present is None:
+            return True
+        return all(present.is_present(piece, size) for piece, size in self.split(MemoryRange(gpa, length)))
 
     def read(self, gpa: int, length: int) -> bytes:
         with self.view(gpa, length) as v:

@@ -86,6 +86,13 @@ MEMORY_FD_PAYLOAD_SIZE = 4
 
 #: With several connections, memory travels in tables of at most this many bytes.
 PRECOPY_CHUNK_SIZE = 64 * MiB
+#: A postcopy destination pulls the pages no fault asked for in PageFault ranges of this size (tunable in
+#: these bounds; Cloud Hypervisor asks for one 4 KiB page per idle loop, chmig's ``prefetch=page``).
+PREFETCH_MIN_BYTES = 256 * KiB
+PREFETCH_MAX_BYTES = 2 * MiB
+PREFETCH_DEFAULT_BYTES = 1 * MiB
+#: Fault connections a chmig source opens for postcopy: one for urgent faults, one for the pull.
+DEFAULT_FAULT_CONNECTIONS = 2
 
 _HEADER = struct.Struct("<H6sQ")
 _RANGE = struct.Struct("<QQ")
@@ -116,6 +123,9 @@ class Limits:
     max_cpuid_entries: int = _limit(256, "entries of common_cpuid in a Config (KVM_MAX_CPUID_ENTRIES)")
     role_timeout_s: float = _limit(10.0, "wait for the 2-byte role of an additional connection")
     fault_connection_wait_s: float = _limit(30.0, "wait of a postcopy destination for the source's Fault connection")
+    max_fault_connections: int = _limit(16, "Fault connections a chmig source opens for postcopy (fault_connections=N)")
+    fault_response_timeout_s: float = _limit(10.0, "postcopy destination: silence while waiting for a page (vCPUs "
+                                                   "wait meanwhile; then the migration has failed)")
     workers_finish_s: float = _limit(5.0, "wait at State for the memory connections to close (the source closed "
                                           "them before sending State; below paused_response_timeout_s)")
     first_request_timeout_s: float = _limit(10.0, "silence of a new main connection before its first request "

@@ -34,12 +34,14 @@ from .errors import (
     InternalError,
     ListenerAborted,
     MigrationError,
+    PostcopyError,
     ProtocolError,
     StuckThreadError,
     TransportError,
     UsageError,
 )
 from .memory import GuestMemory
+from .postcopy import PostcopyPager, PostcopyStats, Prefetch
 from .stats import MigrationStats
 from .threads import ThreadGroup
 from .transport import Connection, ConnectionClosed, Listener, TlsConfig, parse_url
@@ -54,6 +56,8 @@ class ReceiveOptions:
     receiver_url: str
     tls_dir: str | None = None
     memory_mode: str = "precopy"
+    #: Postcopy: how the pages no fault asked for are pulled (``page``, ``off`` or a size, 256K..2M).
+    prefetch: str | None = None
     #: Fault in each range with MADV_POPULATE_WRITE just before its data arrives (see bench/precopy.py).
     populate: bool = True
 
@@ -68,11 +72,16 @@ class ReceiveOptions:
             parse_url(self.receiver_url)
         except TransportError as exc:
             raise UsageError(f"receiver_url {exc}") from None
-        mode = (self.memory_mode or "precopy").lower()
+        self.memory_mode = mode = (self.memory_mode or "precopy").lower()
         if mode not in ("precopy", "postcopy"):
             raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}")
-        if mode == "postcopy":
-            raise UsageError("memory_mode=postcopy is not implemented yet")
+        if self.prefetch is not None and mode != "postcopy":
+            raise UsageError("prefetch is only for memory_mode=postcopy")
+        self.pull()
+
+    def pull(self) -> Prefetch:
+        """The postcopy pull these options ask for."""
+        return Prefetch.parse(self.prefetch)
 
     def tls(self) -> TlsConfig | None:
         return TlsConfig.from_dir(self.tls_dir, role="server") if self.tls_dir else None
@@ -108,6 +117,8 @@ class Acceptor:
         self._accepted = 0
         self._open = 0
         self._per_role: dict[p.ConnectionRole, int] = {}
+        #: Notified after every accept (see :meth:`wait_until_queue_empty`).
+        self._progress = threading.Condition(self._lock)
 
     def start(self) -> None:
         self.threads.start("migrate-receive-accept", self._accept_loop, stopper=self.listener.abort)
@@ -131,11 +142,27 @@ class Acceptor:
                 number = self._accepted
                 self._accepted += 1
                 self._open += 1
+                self._progress.notify_all()
             try:
                 self.threads.start(f"migrate-receive-conn-{number}", self._dispatch, conn, stopper=conn.shutdown)
             except RuntimeError:  # the group is stopping: this connection came too late
                 conn.close()
                 return
+
+    def wait_until_queue_empty(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until every connection the peer already opened has been accepted.
+
+        A source opens its connections before it sends State; when State
+        arrives they are in the listener's queue at the latest.  Every accept
+        notifies, so this sleeps only while there is something to accept.
+        """
+        deadline = time.monotonic() + timeout
+        with self._progress:
+            while self.listener.pending():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return
+                self._progress.wait(min(remaining, 0.1))
 
     def _dispatch(self, conn: Connection) -> None:
         """Read the role, then hand the connection to its handler (which owns it from then on)."""
@@ -237,6 +264,9 @@ class Receiver:
     serial_spec: str = "off"
     limits: p.Limits = p.DEFAULT_LIMITS
     populate: bool = True
+    #: ``precopy`` or ``postcopy`` (both sides must agree, as in Cloud Hypervisor).
+    memory_mode: str = "precopy"
+    prefetch: Prefetch = field(default_factory=Prefetch)
     stats: MigrationStats = field(default_factory=lambda: MigrationStats(role="destination"))
     observers: Observers = field(default_factory=Observers)
     destination: Destination = field(init=False)
@@ -250,6 +280,9 @@ class Receiver:
         self.fault_connections = queue.Queue()
         self.threads = ThreadGroup("migrate-receive")
         self.workers: MemoryWorkers | None = None
+        self.acceptor: Acceptor | None = None
+        #: Postcopy: the pager that brings the memory in after Complete (its owner takes it with the VM).
+        self.pager: PostcopyPager | None = None
         self.channel: Channel | None = None
         self._cancelled = threading.Event()
         self._cancel_lock = threading.Lock()
@@ -430,7 +463,10 @@ class Receiver:
             p.ConnectionRole.PRECOPY_MEMORY: self.workers,
             p.ConnectionRole.FAULT: self._hand_over_fault_connection,
         }
-        Acceptor(self.listener, handlers, self.threads, self.observers, self.limits).start()
+        self.acceptor = Acceptor(self.listener, handlers, self.threads, self.observers, self.limits)
+        self.acceptor.start()
+        if self.memory_mode == "postcopy":
+            self.stats.mode = "postcopy"
 
     def on_memory(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Memory* on the main connection (single-connection precopy)."""
@@ -438,11 +474,55 @@ class Receiver:
         self.stats.total_bytes += channel.receive_memory(self.memory, incoming.table, self.populate)
 
     def on_state(self, channel: Channel, incoming: IncomingRequest) -> None:
-        """Protocol step *State*: every worker is done; restore vCPUs and devices, VM paused."""
+        """Protocol step *State*: every worker is done; restore vCPUs and devices, VM paused.
+
+        Postcopy: first take the Fault connections (at most 30 s for the
+        first) and register guest RAM with userfaultfd; after the restore the
+        pager's threads start (they may pull while the VM is still paused).
+        """
+        faults = self._take_fault_connections() if self.memory_mode == "postcopy" else []
         self._finish_workers()
         if self.workers is not None and self.workers.errors:
+            for fault in faults:
+                fault.close()
             raise MigrationError(f"an additional connection failed: {self.workers.errors[0]}", where="State")
+        faults += self._queued_fault_connections()
+        if self.memory_mode != "postcopy":
+            if faults:
+                for fault in faults:
+                    fault.close()
+                raise ProtocolError("the source opened a Fault connection: it migrates by postcopy, but this "
+                                    "destination receives by precopy (memory_mode=postcopy on both sides)",
+                                    where="State")
+            self.destination.restore(incoming.payload)
+            return
+        assert self.memory is not None
+        self.pager = PostcopyPager(self.memory, faults, self.prefetch, self.limits,
+                                   PostcopyStats(role="destination", counts_bytes_into=self.stats))
+        self.stats.postcopy = self.pager.stats
+        self.pager.register()
         self.destination.restore(incoming.payload)
+        self.pager.start()
+
+    def _take_fault_connections(self) -> list[Channel]:
+        """Postcopy: the first Fault connection (at most ``fault_connection_wait_s``), then those queued with it."""
+        try:
+            first = self.fault_connections.get(timeout=self.limits.fault_connection_wait_s)
+        except queue.Empty:
+            raise PostcopyError(f"no Fault connection within {self.limits.fault_connection_wait_s:g} s: is the "
+                                "source migrating with memory_mode=postcopy?", where="State") from None
+        if self.acceptor is not None:
+            self.acceptor.wait_until_queue_empty(self.limits.role_timeout_s)
+        return [first]
+
+    def _queued_fault_connections(self) -> list[Channel]:
+        """Every Fault connection handed over so far (the acceptor has stopped), in the order they came."""
+        channels = []
+        while True:
+            try:
+                channels.append(self.fault_connections.get_nowait())
+            except queue.Empty:
+                return channels
 
     def on_complete(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Complete*: resume the VM (from here on it is never discarded, see :meth:`cancel`)."""
@@ -514,6 +594,13 @@ class Receiver:
             log.error("discarding the migration: %s", exc)
         finally:
             self._close_fault_connections()
+            if self.pager is not None:
+                self.pager.stop("the migration failed before Complete")
+                try:
+                    self.pager.close()
+                except ChmigError as exc:
+                    log.error("discarding the migration: %s", exc)
+                self.pager = None
             self.destination.discard()
 
 

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 
 from . import protocol as p
 from .channel import Channel, Observers
-from .errors import ChmigError, ConvergenceError, MigrationError, TransportError, UsageError
+from .errors import ChmigError, ConvergenceError, MigrationError, PostcopyError, TransportError, UsageError
 from .memory import GuestMemory
+from .postcopy import PostcopyStats
 from .stats import Iteration, MigrationStats
 from .threads import ThreadGroup
 from .transport import TlsConfig, Url, connect, parse_url
@@ -56,6 +57,9 @@ class SendOptions:
     connections: int = 1
     tls_dir: str | None = None
     memory_mode: str = "precopy"
+    #: Postcopy (a chmig extension): Fault connections to open; the destination keeps the first for urgent
+    #: faults and pulls over the others.  A Cloud Hypervisor destination uses one and closes the rest.
+    fault_connections: int = p.DEFAULT_FAULT_CONNECTIONS
 
     @classmethod
     def from_api(cls, body: dict) -> SendOptions:
@@ -85,8 +89,16 @@ class SendOptions:
             raise UsageError("--local option is only supported with UNIX sockets")
         if self.memory_mode not in ("precopy", "postcopy"):
             raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}")
+        most_faults = p.DEFAULT_LIMITS.max_fault_connections
+        if not 1 <= self.fault_connections <= most_faults:
+            raise UsageError(f"fault_connections must be 1..{most_faults}, got {self.fault_connections}")
         if self.memory_mode == "postcopy":
-            raise UsageError("memory_mode=postcopy is not implemented yet")
+            # Cloud Hypervisor refuses these combinations too.
+            if self.local:
+                raise UsageError("memory_mode=postcopy cannot be combined with local migration")
+            if self.connections > 1:
+                raise UsageError("memory_mode=postcopy cannot be combined with connections > 1 "
+                                 "(use fault_connections=N)")
 
     @property
     def url(self) -> Url:
@@ -197,6 +209,101 @@ class MemorySender:
 
 
 # ---------------------------------------------------------------------------------------------
+# Postcopy: serving pages over Fault connections
+# ---------------------------------------------------------------------------------------------
+
+
+class FaultServer:
+    """The source's end of postcopy: ``fault_connections`` Fault connections, one thread each.
+
+    Each thread answers PageFaults from guest memory (checked ranges, no
+    Python copy; :meth:`chmig.channel.Channel.serve_page_faults`) until the
+    destination closes its connection.  A connection the destination never
+    uses and closes is normal (Cloud Hypervisor's takes only one).  :meth:`wait`
+    returns when every connection has ended, and raises the first failure.
+    """
+
+    def __init__(self, memory: GuestMemory, options: SendOptions, observers: Observers, stats: PostcopyStats,
+                 migration_stats: MigrationStats, limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+        self.memory = memory
+        self.migration_stats = migration_stats
+        self.options = options
+        self.observers = observers
+        self.stats = stats
+        self.limits = limits
+        self.channels: list[Channel] = []
+        self.threads = ThreadGroup("migrate-send-faults")
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._ended = threading.Condition(self._lock)
+        self._running = 0
+
+    def open(self) -> None:
+        """Open the Fault connections (role Fault, TCP_NODELAY) and start serving each at once."""
+        tls = self.options.tls()
+        try:
+            for n in range(self.options.fault_connections):
+                conn = connect(self.options.url, tls)
+                channel = Channel(conn, side=p.Side.SOURCE, name=f"fault-{n}", observers=self.observers,
+                                  limits=self.limits)
+                self.channels.append(channel)
+                self.threads.add_stopper(channel.shutdown)
+                channel.set_nodelay()
+                channel.send_role(p.ConnectionRole.FAULT)
+                # The destination may stay silent between requests for as long as it likes; inside one, not.
+                channel.stall_timeout = self.limits.stall_timeout_s
+            with self._lock:
+                self._running = len(self.channels)
+            for channel in self.channels:
+                self.threads.start(f"migrate-send-{channel.name}", self._serve, channel)
+        except BaseException:
+            self.close()
+            raise
+        self.stats.fault_connections = len(self.channels)
+        log.info("postcopy: serving pages over %d Fault connection(s)", len(self.channels))
+
+    def _serve(self, channel: Channel) -> None:
+        try:
+            served = channel.serve_page_faults(self.memory, on_served=self._count)
+            log.info("postcopy: the destination closed %s after %d pages", channel.name, served)
+        except BaseException as exc:  # reported by wait(); the other connections go on
+            message = f"{channel.name}: {exc}"
+            log.error("postcopy: %s", message)
+            with self._lock:
+                self.errors.append(message)
+        finally:
+            channel.close()
+            with self._lock:
+                self._running -= 1
+                self._ended.notify_all()
+
+    def _count(self, pages: int) -> None:
+        with self._lock:
+            self.stats.pages_served += pages
+            self.migration_stats.total_bytes += pages * p.PAGE_SIZE
+
+    def wait(self) -> None:
+        """Block until the destination has closed every Fault connection; raise the first failure."""
+        with self._ended:
+            self._ended.wait_for(lambda: self._running == 0)
+        self.threads.join(timeout=10)
+        if self.errors:
+            raise PostcopyError(f"a Fault connection failed ({self.errors[0]})", where="postcopy")
+
+    def stop(self) -> None:
+        """Shut every Fault connection down (the migration failed before Complete, or the VMM is exiting)."""
+        self.threads.stop()
+
+    def close(self) -> None:
+        self.threads.stop()
+        try:
+            self.threads.join(timeout=10)
+        finally:
+            for channel in self.channels:
+                channel.close()
+
+
+# ---------------------------------------------------------------------------------------------
 # The migration
 # ---------------------------------------------------------------------------------------------
 
@@ -221,6 +328,7 @@ class Sender:
         self.downtime_begin = time.monotonic()
         self.channel: Channel | None = None
         self.memory_sender: MemorySender | None = None
+        self.fault_server: FaultServer | None = None
         self._cancelled = threading.Event()
         self._cancel_lock = threading.Lock()
 
@@ -250,6 +358,8 @@ class Sender:
         finally:
             if self.memory_sender is not None:
                 self.memory_sender.close()
+            if self.fault_server is not None:
+                self.fault_server.close()
             self.channel.close()
 
     def cancel(self) -> None:
@@ -267,6 +377,19 @@ class Sender:
         memory_sender = self.memory_sender
         if memory_sender is not None:
             memory_sender.threads.stop()
+        if self.fault_server is not None:
+            self.fault_server.stop()
+
+    def abort_postcopy(self) -> None:
+        """The VMM is exiting while the destination still pulls pages from here: stop serving them.
+
+        The destination's VM then fails (it reports so); this one stays paused until the process ends.
+        """
+        server = self.fault_server
+        if server is not None and self.handed_over:
+            log.error("postcopy: the VMM is exiting while the destination still needs pages from here; its VM "
+                      "will fail")
+            server.stop()
 
     def _request_ok(self, request: p.Request, payload: bytes = b"") -> None:
         """One step of the main connection, as the table allows it: send, require Ok, move on."""
@@ -284,6 +407,14 @@ class Sender:
         self._request_ok(p.Request.config(len(config)), config)
         if self.options.local:
             self._pause()
+        elif self.options.memory_mode == "postcopy":
+            self._pause()
+            self.stats.postcopy = PostcopyStats(role="source", status="serving", strategy="", prefetch_bytes=0)
+            self.fault_server = FaultServer(vm.memory, self.options, self.observers, self.stats.postcopy,
+                                            self.stats, self.limits)
+            if self.cancelled:
+                raise MigrationError("the migration was cancelled", where="send")
+            self.fault_server.open()
         else:
             assert self.channel is not None
             self.memory_sender = MemorySender(self.channel, vm.memory, self.options, self.observers, self.limits)
@@ -310,6 +441,22 @@ class Sender:
         self.handed_over = True
         self.stats.complete_ms = _ms_since(complete_begin)
         self.stats.downtime_ms = _ms_since(self.downtime_begin)
+        if self.fault_server is not None:
+            self._serve_postcopy(self.fault_server)
+
+    def _serve_postcopy(self, server: FaultServer) -> None:
+        """After Complete: the destination runs the VM and pulls its memory from here until it closes every
+        Fault connection.  A failure now cannot be rolled back: this VM stays paused with all its memory."""
+        assert self.channel is not None and self.stats.postcopy is not None
+        self.channel.close()  # the main connection has nothing more to say
+        try:
+            server.wait()
+        except PostcopyError as exc:
+            self.stats.postcopy.status = "failed"
+            raise PostcopyError(f"postcopy failed after the hand-over: {exc.message}; the destination's VM "
+                                "cannot go on, and this VM stays here, paused, with all its memory",
+                                where="postcopy") from None
+        self.stats.postcopy.status = "served"
 
     def _send_memory_fds(self) -> None:
         """Local migration: one MemoryFd (slot number + memfd as SCM_RIGHTS) per slot."""

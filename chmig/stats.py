@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .units import MiB
@@ -52,6 +52,8 @@ class MigrationStats:
     restore_ms: float | None = None
     resume_ms: float | None = None
     downtime_goal_ms: int | None = None
+    #: Postcopy (:class:`chmig.postcopy.PostcopyStats`): faults, the pull, latency, time until whole.
+    postcopy: Any = None
     started_at: float = field(default_factory=time.time)
     _begin: float = field(default_factory=time.monotonic, repr=False)
 
@@ -64,8 +66,9 @@ class MigrationStats:
         self.total_time_ms = _ms(self.elapsed())
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.pop("_begin")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_begin"}
+        data["iterations"] = [asdict(iteration) for iteration in self.iterations]
+        data["postcopy"] = self.postcopy.to_json() if self.postcopy is not None else None
         if self.status == "running":
             data["total_time_ms"] = _ms(self.elapsed())
         return data
@@ -85,4 +88,6 @@ class MigrationStats:
         mib = self.total_bytes / MiB
         rate = mib / seconds if seconds > 0 else 0.0
         parts.append(f"{mib:.1f} MiB moved ({rate:.0f} MiB/s overall)")
+        if self.postcopy is not None:
+            parts.append(self.postcopy.summary())
         return ", ".join(parts)

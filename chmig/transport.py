@@ -895,6 +895,15 @@ class Listener:
             sock, peer=peer, is_unix=self._address.is_unix, is_tls=self.is_tls
         )
 
+    def pending(self) -> bool:
+        """Is a connection waiting in the accept queue (the peer connected, nobody accepted it yet)?"""
+        with self._state:
+            if self._closed:
+                return False
+            poller = select.poll()
+            poller.register(self._sock.fileno(), select.POLLIN)
+            return bool(poller.poll(0))
+
     def abort(self) -> None:
         """Make the accept in progress, and all later ones, raise promptly."""
         with self._state:

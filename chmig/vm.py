@@ -476,6 +476,10 @@ class Vm:
             log.debug("vCPU %d: write of %#x to unknown port %#x ignored", vcpu.index, value, port)
 
     def _refresh_status(self, index: int) -> dict:
+        if not self.memory.readable(guest.status_addr(index), guest.STATUS_SIZE):
+            # Postcopy has not brought this page in yet: the counters from State stand (reading it here
+            # would block this thread with the GIL held — see chmig.postcopy).
+            return self.status[index]
         status = guest.read_status(self.memory.read, index)
         self.status[index].update({k: status[k] for k in self.status[index] if k in status})
         return self.status[index]
@@ -491,6 +495,21 @@ class Vm:
         if delay > 0:
             with self._cond:
                 self._cond.wait_for(lambda: not self._want_running or self._stopping, timeout=delay)
+
+    def halt(self, reason: str) -> None:
+        """Stop the vCPUs for good because the VM cannot go on (postcopy lost its source); do not wait.
+
+        The vCPUs are told to stop and kicked; :meth:`shutdown` joins them.  A
+        vCPU waiting for a page is released when the userfaultfd closes.
+        """
+        self.failure = reason
+        with self._cond:
+            self._stopping = True
+            self._want_running = False
+            for vcpu in self.vcpus:
+                vcpu.immediate_exit = True
+            self._cond.notify_all()
+        self._kick_all()
 
     # -- dirty logging ---------------------------------------------------------------------------
 

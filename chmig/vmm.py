@@ -30,6 +30,7 @@ from . import __version__
 from .channel import Observers
 from .errors import MigrationError, StuckThreadError, UsageError, VmError
 from .memory import GuestMemory
+from .postcopy import PostcopyPager
 from .receive import ReceiveOptions, Receiver
 from .send import SendOptions, Sender, new_stats, send_migration
 from .stats import MigrationStats
@@ -99,6 +100,13 @@ class Vmm:
         self.exit_after_reply = False
         #: Without an API there is nobody to ask what happened: a failed VM ends the process.
         self.exit_on_vm_failure = False
+        #: Postcopy still bringing the received VM's memory in (see :meth:`_watch_postcopy`).
+        self.postcopy: PostcopyPager | None = None
+        self.postcopy_threads = ThreadGroup("postcopy-owner")
+        #: ``chmig receive --exit-after-migration``: end the process once the VM is whole.
+        self.exit_when_whole = False
+        #: The outgoing migration in progress (its postcopy serving is stopped if the VMM exits).
+        self.sender: Sender | None = None
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -207,15 +215,24 @@ class Vmm:
                 if self.task is task:
                     self.task = None
 
+    def _require_whole(self, what: str) -> None:
+        """Refuse what would read all of guest RAM while postcopy has not brought all of it in."""
+        pager = self.postcopy
+        if pager is not None and not pager.done.is_set():
+            raise VmError(f"cannot {what}: the VM is not whole yet (postcopy still needs "
+                          f"{pager.present.missing} pages from the source)")
+
     def send_migration(self, body: dict) -> dict:
         """Run an outgoing migration; answer its statistics (Cloud Hypervisor answers 204, no body)."""
         options = SendOptions.from_api(body)
         with self.lock:
             self._require_idle("send a migration")
+            self._require_whole("send a migration")
             vm = self.require_vm()
             if vm.state not in (VmState.RUNNING, VmState.PAUSED):
                 raise VmError(f"cannot migrate a VM that is {vm.state}")
             sender = Sender(vm, options, new_stats(options), self.observers)
+            self.sender = sender
             self.migration = sender.stats
             self.task = task = MigrationTask("send-migration", lambda: send_migration(sender), sender.cancel)
 
@@ -234,20 +251,86 @@ class Vmm:
             self._require_idle("receive a migration")
             listener = listen(parse_url(options.receiver_url), options.tls())
             receiver = Receiver(listener, serial_spec=self.serial_spec, populate=options.populate,
-                                observers=self.observers)
+                                observers=self.observers, memory_mode=options.memory_mode,
+                                prefetch=options.pull())
             self.migration = receiver.stats
             self.task = task = MigrationTask("receive-migration", receiver.run, receiver.cancel)
+
+        def adopt(vm: Vm) -> None:
+            self.adopt(vm)
+            if receiver.pager is not None:
+                self._watch(receiver.pager)
+                receiver.pager = None
+
         try:
             log.info("waiting for a migration on %s", listener.address)
             if on_listening is not None:
                 on_listening(str(listener.address))
-            self._run_task(task, self.adopt)
+            self._run_task(task, adopt)
         finally:
             listener.close()
             with self.lock:
                 if self.task is task:
                     self.task = None
         return receiver.stats
+
+    # -- postcopy ------------------------------------------------------------------------------
+
+    def _watch(self, pager: PostcopyPager) -> None:
+        """Own a running pager: a thread waits for its end (called under the lock, with the VM adopted)."""
+        self.postcopy = pager
+        self.postcopy_threads.start("postcopy-owner", self._watch_postcopy, pager,
+                                    stopper=lambda: pager.stop("the VMM is shutting down"))
+
+    def _watch_postcopy(self, pager: PostcopyPager) -> None:
+        """Wait until the VM is whole (then close the Fault connections) or postcopy failed (then stop the VM
+        and end the process non-zero: its missing pages exist only on the source)."""
+        pager.wait()
+        if pager.stats.status == "whole":
+            try:
+                pager.close()
+            except StuckThreadError as exc:
+                log.error("postcopy: %s", exc)
+            log.info("postcopy done: %s", pager.stats.summary())
+            if self.exit_when_whole:
+                self.exit_event.set()
+            return
+        if pager.stats.status == "stopped":  # the VMM is shutting down; close() has stopped the VM
+            return
+        error = pager.error or "unknown failure"
+        vm = self.vm
+        log.error("postcopy failed: %s; stopping the VM, whose missing pages exist only on the source", error)
+        if vm is not None:
+            vm.halt(f"postcopy failed: {error}")
+        try:
+            pager.close()
+        except StuckThreadError as exc:
+            log.error("postcopy: %s", exc)
+        if vm is not None:
+            try:
+                vm.shutdown()
+            except StuckThreadError as exc:
+                log.error("postcopy: %s", exc)
+        if self.migration is not None and self.migration.postcopy is pager.stats:
+            self.migration.status = "failed"
+            self.migration.error = f"postcopy failed: {error}"
+        self.exit_code = 1
+        self.exit_event.set()
+
+    def _stop_postcopy(self) -> None:
+        """The VMM exits while postcopy runs: stop the VM first (its pages are not all here), then the pager."""
+        pager = self.postcopy
+        if pager is not None and not pager.done.is_set() and self.vm is not None:
+            self.vm.halt("the VMM shut down before postcopy brought every page in")
+        try:
+            self.postcopy_threads.close(timeout=15)
+        except StuckThreadError as exc:
+            log.error("shutting down: %s", exc)
+        if pager is not None:
+            try:
+                pager.close()
+            except StuckThreadError as exc:
+                log.error("shutting down: %s", exc)
 
     def cancel_migration(self) -> None:
         """Stop the migration in progress (an operator's request); its caller gets the error."""
@@ -267,8 +350,12 @@ class Vmm:
             vm.close()
 
     def close(self) -> None:
-        """Cancel the migration in progress (joining its thread), then drop the VM."""
+        """Cancel the migration in progress (joining its thread), stop postcopy, then drop the VM."""
         task = self.task
+        sender = self.sender
+        if task is not None and sender is not None:
+            sender.abort_postcopy()
+        self._stop_postcopy()
         if task is not None:
             try:
                 task.cancel()
@@ -335,7 +422,8 @@ def main_run(args: argparse.Namespace) -> int:
 def main_receive(args: argparse.Namespace) -> int:
     """``chmig receive --listen URL``: wait for one migration, then run the VM it brought."""
     Serial(args.serial).close()  # a bad --serial is an error before anything listens
-    options = ReceiveOptions(receiver_url=args.listen, tls_dir=args.tls_dir)
+    options = ReceiveOptions(receiver_url=args.listen, tls_dir=args.tls_dir, memory_mode=args.memory_mode,
+                             prefetch=args.prefetch)
     options.validate()
     vmm = Vmm(args.serial)
     vmm.exit_on_vm_failure = not args.api_socket
@@ -345,7 +433,12 @@ def main_receive(args: argparse.Namespace) -> int:
             options, on_listening=lambda address: print(f"chmig receive: listening on {address}", flush=True))
         print(f"chmig receive: {stats.summary()}", flush=True)
         if args.exit_after_migration:
-            vmm.exit_event.set()
+            if vmm.postcopy is not None:
+                vmm.exit_when_whole = True  # the VM needs its source until then
+                if vmm.postcopy.done.is_set() and vmm.postcopy.stats.status == "whole":
+                    vmm.exit_event.set()
+            else:
+                vmm.exit_event.set()
     except BaseException:
         if server is not None:
             server.stop()

@@ -1,0 +1,561 @@
+"""Postcopy on the destination: the VM runs at once, and its memory follows.
+
+Sequence (Cloud Hypervisor's postcopy, with chmig's pull)::
+
+    Source                                          Destination
+      |--- Start, Config --------------------------->|  builds the VM; its RAM stays empty
+      |    pause (no memory is sent)                 |
+      |=== Fault connections (role Fault) ==========>|  handed to the migration (``fault_tx``)
+      |--- State ----------------------------------->|  userfaultfd on all RAM, then restore
+      |--- Complete -------------------------------->|  vCPUs run; each first touch faults
+      |<== PageFault page ============== fault-0 ====|  a guest fault: one page, urgent
+      |=== Ok 4096, the page =======================>|  UFFDIO_COPY wakes the vCPU
+      |<== PageFault 1 MiB ============= fault-1 ====|  the pull: pages nobody asked for yet
+      |=== Ok 1 MiB, the bytes =====================>|  UFFDIO_COPY (pages already there are kept)
+      |    ...                                       |
+      |<== every Fault connection closed ============|  every page present: the VM is whole
+      source retires its VM                          userfaultfd unregistered
+
+Two pools of connections
+------------------------
+Cloud Hypervisor's handler is one thread on one Fault connection that asks
+for one 4 KiB page per idle loop turn; a guest fault waits behind that
+traffic, and pulling 1 GiB takes 262,144 round trips.  chmig pulls the
+missing pages in ranges of ``prefetch`` bytes (256 KiB to 2 MiB), and with two
+or more Fault connections keeps the first (``fault-0``) for the guest's urgent
+faults only, while the others stream ranges concurrently.  With one connection
+(as from a Cloud Hypervisor source) urgent faults go between ranges.
+``prefetch=page`` is Cloud Hypervisor's strategy (the benchmark's baseline);
+``prefetch=off`` pulls nothing (the VM is whole once the guest touched every page).
+
+Which pages are present
+-----------------------
+:class:`PresentPages` has one byte per guest page, set once the page was
+copied in.  Nothing else writes guest RAM in postcopy (nothing populates it),
+so the bitmap is exactly what the kernel has.  The pull skips present pages;
+and ``UFFDIO_COPY`` refuses (EEXIST) to overwrite a page that became present
+meanwhile — a page the guest may already have written is never overwritten.
+
+The GIL pitfall
+---------------
+A Python thread that touches a registered page that is not present yet
+blocks in the kernel *with the GIL held*; the fault thread then can never run
+to resolve that fault, and the process deadlocks.  So, until a page is
+present, only code that releases the GIL may touch it: vCPUs inside
+``KVM_RUN``, and kernel-side copies (``recv_into``, ioctls).  Everything else
+— ``vm.info``, the guest's counters, capturing state — asks
+:meth:`~chmig.memory.GuestMemory.readable` first (the bitmap) and keeps the
+values it had when a page is not here yet; a second migration or a snapshot
+waits until the VM is whole.  ``tests/test_postcopy.py`` reads ``vm.info`` in
+a loop during postcopy to prove it.
+
+When a Fault connection breaks
+------------------------------
+Once the VM runs here, the source holds the only copy of every page not yet
+pulled.  A broken or silent Fault connection (``fault_response_timeout_s``)
+fails the pager: it records the reason, and its owner (:mod:`chmig.vmm`) stops
+the VM, reports the failure in ``vm.info`` and the log, and ends the process
+with a non-zero status.  The source keeps its paused VM and memory.  Nothing
+here is thrown away that a later recovery would need: the bitmap says which
+pages still live on the source.
+"""
+
+from __future__ import annotations
+
+import bisect
+import logging
+import os
+import select
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import protocol as p
+from .channel import Channel
+from .errors import ChmigError, PostcopyError, ProtocolError, StuckThreadError, UsageError
+from .memory import GuestMemory
+from .options import parse_size
+from .threads import ThreadGroup
+from .units import KiB, MiB, PAGE_SIZE
+from . import uffd as u
+
+log = logging.getLogger(__name__)
+
+#: Pull strategies: ranges of ``prefetch`` bytes, Cloud Hypervisor's one page per idle loop, or no pull.
+BATCHED, PAGE, OFF = "batched", "page", "off"
+
+
+@dataclass(frozen=True)
+class Prefetch:
+    """How the destination pulls the pages no fault asked for (``prefetch=`` option)."""
+
+    strategy: str = BATCHED
+    #: The size of each background PageFault range (one page for ``page``).
+    range_bytes: int = p.PREFETCH_DEFAULT_BYTES
+
+    @classmethod
+    def parse(cls, text: str | None) -> Prefetch:
+        """``page``, ``off``, or a size from 256K to 2M (``1M``, ``524288``)."""
+        if text is None or text == "":
+            return cls()
+        value = text.strip().lower()
+        if value in (PAGE, OFF):
+            return cls(value, PAGE_SIZE)
+        try:
+            size = parse_size(value.upper(), "prefetch")
+        except UsageError:
+            raise UsageError(f"prefetch must be page, off or a size from 256K to 2M, got {text!r}") from None
+        if not p.PREFETCH_MIN_BYTES <= size <= p.PREFETCH_MAX_BYTES or size % PAGE_SIZE:
+            raise UsageError(f"prefetch must be page, off or a page-aligned size from 256K to 2M, got {text!r}")
+        return cls(BATCHED, size)
+
+    def __str__(self) -> str:
+        return self.strategy if self.strategy != BATCHED else f"{self.range_bytes // KiB}K"
+
+
+# ---------------------------------------------------------------------------------------------
+# Which pages are here
+# ---------------------------------------------------------------------------------------------
+
+
+class PresentPages:
+    """One byte per guest page, 1 once the page is present; the pull's cursor walks it.
+
+    Guest RAM may have holes (the 32-bit hole), so each slot has its own run of
+    the bitmap.  Marking is done under a lock (the count of present pages must
+    be exact); reading is a C-level ``bytearray.find``.
+    """
+
+    def __init__(self, regions: list[tuple[int, int]]) -> None:
+        """``regions``: ``(gpa, size)`` of every slot, sorted by gpa."""
+        self._gpas = [gpa for gpa, _ in regions]
+        self._bases: list[int] = []
+        self._ends: list[int] = []
+        total = 0
+        for _, size in regions:
+            self._bases.append(total)
+            total += size // PAGE_SIZE
+            self._ends.append(total)
+        self.total = total
+        self._bits = bytearray(total)
+        self._present = 0
+        self._lock = threading.Lock()
+
+    @property
+    def present(self) -> int:
+        return self._present
+
+    @property
+    def missing(self) -> int:
+        return self.total - self._present
+
+    @property
+    def whole(self) -> bool:
+        return self._present == self.total
+
+    def _index(self, gpa: int, length: int) -> tuple[int, int]:
+        """The bitmap indexes ``[start, stop)`` of a range that lies in one slot."""
+        slot = bisect.bisect_right(self._gpas, gpa) - 1
+        if slot < 0:
+            raise ProtocolError(f"{gpa:#x} is not guest RAM", where="postcopy")
+        start = self._bases[slot] + (gpa - self._gpas[slot]) // PAGE_SIZE
+        stop = start + (length + PAGE_SIZE - 1) // PAGE_SIZE
+        if stop > self._ends[slot]:
+            raise ProtocolError(f"range {gpa:#x}+{length:#x} is not inside one slot of guest RAM", where="postcopy")
+        return start, stop
+
+    def is_present(self, gpa: int, length: int = PAGE_SIZE) -> bool:
+        start, stop = self._index(gpa, length)
+        return self._bits.find(0, start, stop) < 0
+
+    def mark(self, gpa: int, length: int) -> int:
+        """Record ``[gpa, gpa+length)`` as present; return how many of its pages were not before."""
+        start, stop = self._index(gpa, length)
+        with self._lock:
+            new = self._bits.count(0, start, stop)
+            self._bits[start:stop] = b"\x01" * (stop - start)
+            self._present += new
+        return new
+
+    def next_missing(self, cursor: int, max_pages: int) -> tuple[p.MemoryRange, int] | None:
+        """The first run of missing pages at or after page ``cursor`` (at most ``max_pages``, one slot).
+
+        Returns the range and the cursor after it, or None when no page after
+        ``cursor`` is missing.
+        """
+        start = self._bits.find(0, cursor)
+        if start < 0:
+            return None
+        slot = bisect.bisect_right(self._bases, start) - 1
+        limit = min(start + max_pages, self._ends[slot])
+        stop = self._bits.find(1, start, limit)
+        if stop < 0:
+            stop = limit
+        gpa = self._gpas[slot] + (start - self._bases[slot]) * PAGE_SIZE
+        return p.MemoryRange(gpa, (stop - start) * PAGE_SIZE), stop
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
+    if not sorted_values:
+        return 0.0
+    rank = max(0, min(len(sorted_values) - 1, int(round(fraction * len(sorted_values) + 0.5)) - 1))
+    return sorted_values[rank]
+
+
+@dataclass
+class PostcopyStats:
+    """What postcopy did, on either side; shown under ``migration.postcopy`` in ``vm.info``."""
+
+    role: str = "destination"
+    #: ``batched``, ``page`` or ``off`` (destination), and the size of a background range.
+    strategy: str = BATCHED
+    prefetch_bytes: int = p.PREFETCH_DEFAULT_BYTES
+    fault_connections: int = 0
+    #: ``pulling`` (destination) / ``serving`` (source), then ``whole``/``served``, ``failed`` or ``stopped``.
+    status: str = "pulling"
+    error: str | None = None
+    pages_total: int = 0
+    #: Pages already here when userfaultfd was registered (none in plain postcopy).
+    pages_present_at_start: int = 0
+    #: Pages brought in because a guest fault asked for them, and by the background pull.
+    pages_faulted: int = 0
+    pages_pulled: int = 0
+    #: Source: pages answered, over all Fault connections.
+    pages_served: int = 0
+    #: Fault messages read from userfaultfd (two vCPUs on one page are two).
+    faults: int = 0
+    #: From State (userfaultfd registered) until every page was present.
+    whole_after_ms: float | None = None
+    #: Total time vCPUs waited for their faults to be resolved ("postcopy blocktime" in QEMU), measured from
+    #: the moment the fault thread read each fault.
+    blocktime_ms: float = 0.0
+    #: The migration's statistics, whose ``total_bytes`` grows with every page brought in.
+    counts_bytes_into: Any = field(default=None, repr=False)
+    _latencies_us: list[float] = field(default_factory=list, repr=False)
+    _begin: float = field(default_factory=time.monotonic, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def count(self, faulted: int = 0, pulled: int = 0) -> None:
+        """Pages that became present through a fault or the pull (threads count concurrently)."""
+        with self._lock:
+            self.pages_faulted += faulted
+            self.pages_pulled += pulled
+            if self.counts_bytes_into is not None:
+                self.counts_bytes_into.total_bytes += (faulted + pulled) * PAGE_SIZE
+
+    def record_fault(self, latency_s: float) -> None:
+        with self._lock:
+            self.faults += 1
+            self._latencies_us.append(latency_s * 1e6)
+            self.blocktime_ms += latency_s * 1000
+
+    def latency_us(self) -> dict[str, float]:
+        with self._lock:
+            values = sorted(self._latencies_us)
+        return {"p50": round(percentile(values, 0.50), 1), "p90": round(percentile(values, 0.90), 1),
+                "p99": round(percentile(values, 0.99), 1), "max": round(values[-1], 1) if values else 0.0}
+
+    def became_whole(self) -> None:
+        self.whole_after_ms = round((time.monotonic() - self._begin) * 1000, 3)
+        self.status = "whole"
+
+    def to_json(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k != "counts_bytes_into"}
+        data["blocktime_ms"] = round(self.blocktime_ms, 3)
+        if self.role == "destination":
+            data["fault_latency_us"] = self.latency_us()
+        return data
+
+    def summary(self) -> str:
+        if self.role == "source":
+            return f"postcopy {self.status}: {self.pages_served} pages served over {self.fault_connections} connections"
+        lat = self.latency_us()
+        whole = f"whole after {self.whole_after_ms:.0f} ms" if self.whole_after_ms is not None else self.status
+        return (f"postcopy {whole}: {self.pages_faulted} pages on demand, {self.pages_pulled} pulled "
+                f"({self.strategy}, {self.prefetch_bytes // KiB} KiB ranges, {self.fault_connections} connections); "
+                f"fault latency p50 {lat['p50']:.0f} µs, p99 {lat['p99']:.0f} µs, max {lat['max']:.0f} µs; "
+                f"vCPUs blocked {self.blocktime_ms:.1f} ms")
+
+
+# ---------------------------------------------------------------------------------------------
+# The pager
+# ---------------------------------------------------------------------------------------------
+
+
+class _PageBuffer:
+    """Where one thread receives pages before UFFDIO_COPY puts them in place (pinned: never resized)."""
+
+    def __init__(self, size: int) -> None:
+        self.data = bytearray(size)
+        self.address = u.address_of(self.data)
+
+    def view(self, length: int) -> memoryview:
+        return memoryview(self.data)[:length]
+
+
+class PostcopyPager:
+    """Resolves guest faults through the source and pulls the rest; owns the userfaultfd, the Fault channels
+    and its threads.
+
+    Life: :meth:`register` (before State is restored), :meth:`start` (threads),
+    then the owner waits in :meth:`wait` until the VM is whole or postcopy
+    failed, and calls :meth:`close`.
+    """
+
+    def __init__(self, memory: GuestMemory, channels: list[Channel], prefetch: Prefetch = Prefetch(),
+                 limits: p.Limits = p.DEFAULT_LIMITS, stats: PostcopyStats | None = None) -> None:
+        if not channels:
+            raise PostcopyError("postcopy needs at least one Fault connection", where="postcopy")
+        self.memory = memory
+        # Cloud Hypervisor's strategy uses one connection, as Cloud Hypervisor does; the others stay unused.
+        self.channels = channels[:1] if prefetch.strategy == PAGE else list(channels)
+        self.unused = channels[1:] if prefetch.strategy == PAGE else []
+        self.prefetch = prefetch
+        self.limits = limits
+        self.stats = stats if stats is not None else PostcopyStats()
+        self.stats.strategy = prefetch.strategy
+        self.stats.prefetch_bytes = prefetch.range_bytes
+        self.stats.fault_connections = len(self.channels)
+        self.present = PresentPages(memory.ram_ranges())
+        self.stats.pages_total = self.present.total
+        self.uffd: u.Userfaultfd | None = None
+        self.threads = ThreadGroup("postcopy")
+        #: Set once the VM is whole, or postcopy failed or was stopped.
+        self.done = threading.Event()
+        self.error: str | None = None
+        self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._cursor = 0
+        self._cursor_lock = threading.Lock()
+        self._end_lock = threading.Lock()
+        self._closed = False
+        # Host address → guest address, for the fault addresses userfaultfd reports.
+        spans = sorted((r.host_address, r.size, r.gpa, r.zone.config.shared) for r in memory.regions)
+        self._host_starts = [span[0] for span in spans]
+        self._spans = spans
+
+    # -- set-up --------------------------------------------------------------------------------
+
+    def register(self) -> None:
+        """Register every slot with userfaultfd (MISSING; MISSING|MINOR for shared memory), before State."""
+        shared = any(zone.config.shared for zone in self.memory.zones.values())
+        features = (u.UFFD_FEATURE_MISSING_SHMEM | u.UFFD_FEATURE_MINOR_SHMEM) if shared else 0
+        self.uffd = u.Userfaultfd(features)
+        for host, size, gpa, is_shared in self._spans:
+            mode = u.UFFDIO_REGISTER_MODE_MISSING | (u.UFFDIO_REGISTER_MODE_MINOR if is_shared else 0)
+            self.uffd.register(host, size, mode)
+        # Pages that are here already (hybrid precopy→postcopy sends some first) never fault.
+        for rng in self.memory.populated_table():
+            for gpa, length in self.memory.split(rng):
+                self.present.mark(gpa, length)
+        self.stats.pages_present_at_start = self.present.present
+        self.memory.present = self.present
+        for channel in self.channels:
+            channel.set_timeout(self.limits.fault_response_timeout_s)
+        for channel in self.unused:
+            channel.close()
+        log.info("postcopy: userfaultfd on %d MiB of guest RAM (%d pages missing), %d Fault connection(s), "
+                 "prefetch %s", self.memory.total_size // MiB, self.present.missing, len(self.channels), self.prefetch)
+
+    def start(self) -> None:
+        """Start the fault thread (and the pull threads); from now on faults are resolved."""
+        self.stats._begin = time.monotonic()
+        if self.present.whole:
+            self._became_whole()
+            return
+        urgent, *pullers = self.channels
+        pull_on_urgent = not pullers and self.prefetch.strategy != OFF
+        self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.shutdown)
+        if self.prefetch.strategy != OFF:
+            for channel in pullers:
+                self.threads.start(f"postcopy-pull-{channel.name}", self._pull_loop, channel,
+                                   stopper=channel.shutdown)
+
+    # -- addresses -----------------------------------------------------------------------------
+
+    def _locate(self, host: int) -> tuple[int, bool]:
+        """The guest address of a host address inside guest RAM, and whether its memory is shared."""
+        index = bisect.bisect_right(self._host_starts, host) - 1
+        if index >= 0:
+            start, size, gpa, shared = self._spans[index]
+            if host < start + size:
+                return gpa + (host - start), shared
+        raise PostcopyError(f"userfaultfd reported a fault at {host:#x}, outside guest RAM", where="postcopy")
+
+    def _host_of(self, gpa: int) -> tuple[int, bool]:
+        region = self.memory.region_of(gpa, PAGE_SIZE)
+        return region.host_address + (gpa - region.gpa), region.zone.config.shared
+
+    # -- the threads ---------------------------------------------------------------------------
+
+    def _fault_loop(self, channel: Channel, pull_too: bool) -> None:
+        """The fault thread: resolve every guest fault through ``channel``; with one connection, pull between."""
+        assert self.uffd is not None
+        buffer = _PageBuffer(self.prefetch.range_bytes if pull_too else PAGE_SIZE)
+        poller = select.poll()
+        poller.register(self.uffd.fileno(), select.POLLIN)
+        poller.register(self._stop_fd, select.POLLIN)
+        pulling = pull_too
+        try:
+            while not self.done.is_set():
+                # Poll without waiting while there is something to pull, so faults still go first.
+                ready = dict(poller.poll(0 if pulling else None))
+                if ready.get(self._stop_fd):
+                    return
+                faults = self.uffd.read_faults()
+                if faults:
+                    self._resolve(channel, buffer, faults, time.monotonic())
+                elif pulling:
+                    pulling = self._pull_one(channel, buffer)
+        except BaseException as exc:  # the pager fails; its owner stops the VM
+            self._fail(exc, channel)
+
+    def _pull_loop(self, channel: Channel) -> None:
+        """A pull thread: stream missing ranges over ``channel`` until none is left."""
+        buffer = _PageBuffer(self.prefetch.range_bytes)
+        try:
+            while not self.done.is_set() and self._pull_one(channel, buffer):
+                pass
+        except BaseException as exc:
+            self._fail(exc, channel)
+
+    def _resolve(self, channel: Channel, buffer: _PageBuffer, faults: list[u.PageFault], read_at: float) -> None:
+        """Resolve a batch of faults: each page once, however many vCPUs wait on it."""
+        assert self.uffd is not None
+        waiting: dict[int, int] = {}
+        minor: set[int] = set()
+        for fault in faults:
+            page = fault.address & ~(PAGE_SIZE - 1)
+            waiting[page] = waiting.get(page, 0) + 1
+            if fault.minor:
+                minor.add(page)
+        for page, count in waiting.items():
+            gpa, shared = self._locate(page)
+            if page in minor and not self.present.is_present(gpa):
+                # The page is in the memfd already (the peer wrote it there): only map it.
+                self.uffd.continue_range(page, PAGE_SIZE)
+                self.stats.count(faulted=self.present.mark(gpa, PAGE_SIZE))
+                self._check_whole()
+            elif self.present.is_present(gpa):
+                # Resolved meanwhile (a pull, another vCPU's fault): make sure the waiter runs.
+                self.uffd.wake(page, PAGE_SIZE)
+            else:
+                self.stats.count(faulted=self._fetch(channel, buffer, p.MemoryRange(gpa, PAGE_SIZE), page, shared))
+                self._check_whole()
+            latency = time.monotonic() - read_at
+            for _ in range(count):
+                self.stats.record_fault(latency)
+
+    def _pull_one(self, channel: Channel, buffer: _PageBuffer) -> bool:
+        """Pull the next missing range over ``channel``; False when nothing is left to pull."""
+        with self._cursor_lock:
+            found = self.present.next_missing(self._cursor, self.prefetch.range_bytes // PAGE_SIZE)
+            if found is None:
+                return False
+            rng, self._cursor = found
+        host, shared = self._host_of(rng.gpa)
+        self.stats.count(pulled=self._fetch(channel, buffer, rng, host, shared))
+        self._check_whole()
+        return True
+
+    def _fetch(self, channel: Channel, buffer: _PageBuffer, rng: p.MemoryRange, host: int, shared: bool) -> int:
+        """One PageFault round trip, then put the bytes in place; return how many pages became present."""
+        assert self.uffd is not None
+        inline = channel.request_page(rng, buffer.view(rng.length))
+        if inline:
+            self.uffd.copy(host, buffer.address, rng.length)
+        elif shared:
+            # The peer wrote the page into the shared memfd itself (the offload daemon's on-demand restore).
+            self.uffd.continue_range(host, rng.length)
+        else:
+            raise ProtocolError("the source answered a PageFault with no bytes, but this guest memory is private: "
+                                "it cannot have written the page", where=f"PageFault {rng.gpa:#x}")
+        return self.present.mark(rng.gpa, rng.length)
+
+    def _check_whole(self) -> None:
+        if self.present.whole:
+            self._became_whole()
+
+    # -- the end -------------------------------------------------------------------------------
+
+    def _became_whole(self) -> None:
+        with self._end_lock:
+            if self.done.is_set():
+                return
+            self.stats.became_whole()
+            log.info("postcopy: the VM is whole (%d pages on demand, %d pulled, %.0f ms)",
+                     self.stats.pages_faulted, self.stats.pages_pulled, self.stats.whole_after_ms or 0)
+            self.done.set()
+        os.eventfd_write(self._stop_fd, 1)
+
+    def _fail(self, exc: BaseException, channel: Channel | None = None) -> None:
+        """The first failure ends postcopy; later ones (threads woken by the shutdown) are only logged."""
+        where = f" on {channel.name}" if channel is not None else ""
+        reason = f"{exc}" if isinstance(exc, ChmigError) else f"internal error: {exc!r}"
+        with self._end_lock:
+            if self.done.is_set():
+                log.debug("postcopy: after the end%s: %s", where, reason)
+                return
+            self.error = f"Fault connection{where}: {reason}" if channel is not None else reason
+            self.stats.status = "failed"
+            self.stats.error = self.error
+            self.done.set()
+        if not isinstance(exc, ChmigError):
+            log.error("postcopy: bug in chmig", exc_info=exc)
+        log.error("postcopy failed%s: %s (%d pages still only on the source)", where, reason, self.present.missing)
+        os.eventfd_write(self._stop_fd, 1)
+        self.threads.stop()
+
+    def stop(self, reason: str) -> None:
+        """End postcopy from outside (the VMM shuts down, the migration failed before Complete)."""
+        with self._end_lock:
+            if self.done.is_set():
+                return
+            self.error = reason
+            self.stats.status = "stopped"
+            self.stats.error = reason
+            self.done.set()
+        os.eventfd_write(self._stop_fd, 1)
+        self.threads.stop()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Wait until the VM is whole or postcopy failed; True when it ended."""
+        return self.done.wait(timeout)
+
+    def close(self) -> None:
+        """Join the threads, close the Fault connections (the source then finishes), unregister userfaultfd.
+
+        After a failure the VM must have been stopped first: closing the
+        userfaultfd wakes every vCPU still waiting for a page (it would find an
+        empty page).
+        """
+        if self._closed:
+            return
+        self._closed = True
+        if not self.done.is_set():
+            self.stop("postcopy was closed before it ended")
+        stuck: StuckThreadError | None = None
+        try:
+            self.threads.close(timeout=10)
+        except StuckThreadError as exc:
+            stuck = exc
+        for channel in self.channels:
+            channel.close()
+        self.memory.present = None if self.present.whole else self.present
+        if self.uffd is not None:
+            if self.present.whole:
+                for host, size, _, _ in self._spans:
+                    try:
+                        self.uffd.unregister(host, size)
+                    except ChmigError as exc:
+                        log.warning("postcopy: %s", exc)
+            self.uffd.close()
+        os.close(self._stop_fd)
+        if stuck is not None:
+            raise stuck
