@@ -44,6 +44,17 @@ __all__ = [
 #: No declarations: this FFI only makes buffers of, and casts, other modules' cdata.
 ffi = cffi.FFI()
 
+#: ``<linux/types.h>``: the fixed-width types every kernel header's structs are written in (each module's
+#: ``cdef`` starts with these).
+LINUX_TYPES_CDEF = """
+    typedef uint8_t  __u8;
+    typedef uint16_t __u16;
+    typedef uint32_t __u32;
+    typedef uint64_t __u64;
+    typedef int32_t  __s32;
+    typedef int64_t  __s64;
+"""
+
 # --------------------------------------------------------------------------
 # Request numbers (<asm-generic/ioctl.h>)
 # --------------------------------------------------------------------------

@@ -67,7 +67,7 @@ import cffi
 
 from chmig import ioctl as _shared_ioctl
 from chmig.errors import KvmError
-from chmig.ioctl import _IO, _IOR, _IOW, _IOWR, address_of
+from chmig.ioctl import _IO, _IOR, _IOW, _IOWR, LINUX_TYPES_CDEF, address_of
 from chmig.ioctl import errno_text as _errno_text
 from chmig.ioctl import ioctl as _ioctl_raw
 from chmig.units import PAGE_SIZE
@@ -95,14 +95,8 @@ logger = logging.getLogger(__name__)
 
 ffi = cffi.FFI()
 ffi.cdef(
-    """
-    /* <linux/types.h> */
-    typedef uint8_t  __u8;
-    typedef uint16_t __u16;
-    typedef uint32_t __u32;
-    typedef uint64_t __u64;
-    typedef int32_t  __s32;
-    typedef int64_t  __s64;
+    LINUX_TYPES_CDEF
+    + """
 
     /* ------------------------------------------------------------------ */
     /* <asm/kvm.h> (arch/x86/include/uapi/asm/kvm.h)                       */

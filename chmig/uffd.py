@@ -96,7 +96,7 @@ from typing import Any, NamedTuple, Self
 import cffi
 
 from chmig.errors import UffdError
-from chmig.ioctl import _IO, _IOR, _IOWR, address_of, errno_text, ioctl
+from chmig.ioctl import _IO, _IOR, _IOWR, LINUX_TYPES_CDEF, address_of, errno_text, ioctl
 from chmig.units import PAGE_SIZE
 
 __all__ = [
@@ -124,13 +124,8 @@ logger = logging.getLogger(__name__)
 
 ffi = cffi.FFI()
 ffi.cdef(
-    """
-    /* <linux/types.h> */
-    typedef uint8_t  __u8;
-    typedef uint16_t __u16;
-    typedef uint32_t __u32;
-    typedef uint64_t __u64;
-    typedef int64_t  __s64;
+    LINUX_TYPES_CDEF
+    + """
 
     /* ------------------------------------------------------------------ */
     /* <linux/userfaultfd.h> (include/uapi/linux/userfaultfd.h)            */

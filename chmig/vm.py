@@ -352,13 +352,7 @@ class Vm:
         """Stop every vCPU thread and join them; one that does not stop within 10 s is reported."""
         if self.state == VmState.SHUTDOWN and not self._threads:
             return
-        with self._cond:
-            self._stopping = True
-            self._want_running = False
-            for vcpu in self.vcpus:
-                vcpu.immediate_exit = True
-            self._cond.notify_all()
-        self._kick_all()
+        self._tell_vcpus_to_stop()
         deadline = time.monotonic() + 10
         for thread in self._threads:
             if thread is not threading.current_thread():
@@ -503,6 +497,10 @@ class Vm:
         vCPU waiting for a page is released when the userfaultfd closes.
         """
         self.failure = reason
+        self._tell_vcpus_to_stop()
+
+    def _tell_vcpus_to_stop(self) -> None:
+        """Every vCPU thread leaves KVM_RUN and returns (for good); nobody waits here."""
         with self._cond:
             self._stopping = True
             self._want_running = False

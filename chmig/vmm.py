@@ -287,10 +287,7 @@ class Vmm:
         and end the process non-zero: its missing pages exist only on the source)."""
         pager.wait()
         if pager.stats.status == "whole":
-            try:
-                pager.close()
-            except StuckThreadError as exc:
-                log.error("postcopy: %s", exc)
+            _reporting_stuck(pager.close, "postcopy")
             log.info("postcopy done: %s", pager.stats.summary())
             if self.exit_when_whole:
                 self.exit_event.set()
@@ -302,15 +299,9 @@ class Vmm:
         log.error("postcopy failed: %s; stopping the VM, whose missing pages exist only on the source", error)
         if vm is not None:
             vm.halt(f"postcopy failed: {error}")
-        try:
-            pager.close()
-        except StuckThreadError as exc:
-            log.error("postcopy: %s", exc)
+        _reporting_stuck(pager.close, "postcopy")
         if vm is not None:
-            try:
-                vm.shutdown()
-            except StuckThreadError as exc:
-                log.error("postcopy: %s", exc)
+            _reporting_stuck(vm.shutdown, "postcopy")
         if self.migration is not None and self.migration.postcopy is pager.stats:
             self.migration.status = "failed"
             self.migration.error = f"postcopy failed: {error}"
@@ -322,15 +313,9 @@ class Vmm:
         pager = self.postcopy
         if pager is not None and not pager.done.is_set() and self.vm is not None:
             self.vm.halt("the VMM shut down before postcopy brought every page in")
-        try:
-            self.postcopy_threads.close(timeout=15)
-        except StuckThreadError as exc:
-            log.error("shutting down: %s", exc)
+        _reporting_stuck(lambda: self.postcopy_threads.close(timeout=15), "shutting down")
         if pager is not None:
-            try:
-                pager.close()
-            except StuckThreadError as exc:
-                log.error("shutting down: %s", exc)
+            _reporting_stuck(pager.close, "shutting down")
 
     def cancel_migration(self) -> None:
         """Stop the migration in progress (an operator's request); its caller gets the error."""
@@ -363,6 +348,14 @@ class Vmm:
                 log.error("shutting down: %s", exc)
         with self.lock:
             self._drop_vm()
+
+
+def _reporting_stuck(close: Callable[[], None], what: str) -> None:
+    """Close something whose threads may not stop: a stuck one is logged (it was already named), not raised."""
+    try:
+        close()
+    except StuckThreadError as exc:
+        log.error("%s: %s", what, exc)
 
 
 def install_exit_signals(vmm: Vmm) -> None:
