@@ -438,13 +438,14 @@ class Channel:
                     self.conn.read_exact_into(view, what=f"memory at {gpa + offset:#x}")
         return table.total_bytes
 
-    def serve_page_faults(self, memory: MemoryTarget, on_served: Callable[[int], None] | None = None) -> int:
+    def serve_page_faults(self, memory: MemoryTarget,
+                          on_served: Callable[[p.MemoryRange], None] | None = None) -> int:
         """The source's end of a Fault connection: answer PageFaults until the destination closes it.
 
         Each range is checked (non-empty, page aligned, at most 1 GiB, inside
         guest RAM) before anything is read from memory; a bad one is answered
         Error and ends the connection.  Returns the number of pages served
-        (``on_served`` hears of each answer's pages as it goes).
+        (``on_served`` hears of each range answered, as it goes).
         """
         served = 0
         while True:
@@ -471,7 +472,7 @@ class Channel:
                     self.conn.write_all(view)
             served += page.length // p.PAGE_SIZE
             if on_served is not None:
-                on_served(page.length // p.PAGE_SIZE)
+                on_served(page)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from typing import Callable
 
 from . import protocol as p
 from .errors import ChmigError, KvmError, MigrationError, ProtocolError, VmError
@@ -165,17 +166,21 @@ class Destination:
                                              where="memory")
                     done += got
 
-    def restore(self, payload: bytes) -> None:
+    def restore(self, payload: bytes, ready: Callable[[], None] | None = None) -> None:
         """Step *State*: restore vCPUs and devices into the new VM, which stays paused.
 
-        A State that KVM refuses to load counts as the peer's fault: the document
-        described vCPUs this host's KVM cannot take.
+        ``ready`` is the caller's last check, once the document is known to be
+        well formed (e.g. that memory arrived).  A State that KVM refuses to
+        load counts as the peer's fault: the document described vCPUs this
+        host's KVM cannot take.
         """
         begin = time.monotonic()
         vm = self._require_vm("State")
         state = p.decode_json_payload(payload, "State", self.limits)
         if not isinstance(state, dict):
             raise ProtocolError("State must be a JSON object", where="State")
+        if ready is not None:
+            ready()
         try:
             vm.restore_state(state)
         except (KvmError, VmError) as exc:

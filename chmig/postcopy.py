@@ -64,6 +64,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import os
 import select
 import threading
@@ -205,7 +206,7 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     """Nearest-rank percentile of an already sorted list (0 for an empty one)."""
     if not sorted_values:
         return 0.0
-    rank = max(0, min(len(sorted_values) - 1, int(round(fraction * len(sorted_values) + 0.5)) - 1))
+    rank = max(0, min(len(sorted_values) - 1, math.ceil(fraction * len(sorted_values)) - 1))
     return sorted_values[rank]
 
 
@@ -289,6 +290,17 @@ class PostcopyStats:
 # ---------------------------------------------------------------------------------------------
 
 
+#: What the fault thread watches for on an idle Fault connection: the source said something, or went away.
+_PEER_SPOKE = select.POLLIN | select.POLLRDHUP
+
+
+def _unasked(channel: Channel, events: int) -> PostcopyError:
+    """The error for an idle Fault connection that became readable (see :meth:`PostcopyPager._fault_loop`)."""
+    if events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+        return PostcopyError(f"the source closed {channel.name} (did it fail?)", where="postcopy")
+    return PostcopyError(f"the source sent bytes on {channel.name} that nobody asked for", where="postcopy")
+
+
 class _PageBuffer:
     """Where one thread receives pages before UFFDIO_COPY puts them in place (pinned: never resized)."""
 
@@ -331,6 +343,9 @@ class PostcopyPager:
         self.done = threading.Event()
         self.error: str | None = None
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        #: Fault connections nobody uses any more wait here for the fault thread to watch them (``_idle_fd``).
+        self._idle: list[Channel] = []
+        self._idle_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._cursor = 0
         self._cursor_lock = threading.Lock()
         self._end_lock = threading.Lock()
@@ -371,6 +386,8 @@ class PostcopyPager:
             return
         urgent, *pullers = self.channels
         pull_on_urgent = not pullers and self.prefetch.strategy != OFF
+        if self.prefetch.strategy == OFF:
+            self._idle.extend(pullers)  # never used: watched from the start
         self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.shutdown)
         if self.prefetch.strategy != OFF:
             for channel in pullers:
@@ -401,13 +418,29 @@ class PostcopyPager:
         poller = select.poll()
         poller.register(self.uffd.fileno(), select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self._idle_fd, select.POLLIN)
+        # Fault connections with no request in flight: the source must stay silent on them, so anything
+        # readable there means it closed (it died) or broke the protocol.  This is how a dead source is
+        # noticed while the guest does not fault and nothing is pulled.
+        idle: dict[int, Channel] = {}
         pulling = pull_too
         try:
+            for idle_channel in [channel, *self._idle_channels(take=True)]:
+                idle[idle_channel.conn.fileno()] = idle_channel
+                poller.register(idle_channel.conn.fileno(), _PEER_SPOKE)
             while not self.done.is_set():
                 # Poll without waiting while there is something to pull, so faults still go first.
                 ready = dict(poller.poll(0 if pulling else None))
                 if ready.get(self._stop_fd):
                     return
+                if ready.get(self._idle_fd):
+                    os.eventfd_read(self._idle_fd)
+                    for idle_channel in self._idle_channels(take=True):
+                        idle[idle_channel.conn.fileno()] = idle_channel
+                        poller.register(idle_channel.conn.fileno(), _PEER_SPOKE)
+                for fd, idle_channel in idle.items():
+                    if ready.get(fd):
+                        raise _unasked(idle_channel, ready[fd])
                 faults = self.uffd.read_faults()
                 if faults:
                     self._resolve(channel, buffer, faults, time.monotonic())
@@ -424,6 +457,21 @@ class PostcopyPager:
                 pass
         except BaseException as exc:
             self._fail(exc, channel)
+            return
+        self._hand_to_fault_thread(channel)
+
+    def _hand_to_fault_thread(self, channel: Channel) -> None:
+        """Nothing is left to pull over ``channel``: the fault thread watches it from now on."""
+        with self._cursor_lock:
+            self._idle.append(channel)
+        os.eventfd_write(self._idle_fd, 1)
+
+    def _idle_channels(self, take: bool) -> list[Channel]:
+        with self._cursor_lock:
+            channels = list(self._idle)
+            if take:
+                self._idle.clear()
+        return channels
 
     def _resolve(self, channel: Channel, buffer: _PageBuffer, faults: list[u.PageFault], read_at: float) -> None:
         """Resolve a batch of faults: each page once, however many vCPUs wait on it."""
@@ -502,7 +550,8 @@ class PostcopyPager:
             if self.done.is_set():
                 log.debug("postcopy: after the end%s: %s", where, reason)
                 return
-            self.error = f"Fault connection{where}: {reason}" if channel is not None else reason
+            named = channel is not None and not isinstance(exc, PostcopyError)  # those name their connection
+            self.error = f"Fault connection{where}: {reason}" if named else reason
             self.stats.status = "failed"
             self.stats.error = self.error
             self.done.set()
@@ -557,5 +606,6 @@ class PostcopyPager:
                         log.warning("postcopy: %s", exc)
             self.uffd.close()
         os.close(self._stop_fd)
+        os.close(self._idle_fd)
         if stuck is not None:
             raise stuck

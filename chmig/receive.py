@@ -117,8 +117,10 @@ class Acceptor:
         self._accepted = 0
         self._open = 0
         self._per_role: dict[p.ConnectionRole, int] = {}
-        #: Notified after every accept (see :meth:`wait_until_queue_empty`).
+        #: Notified after every accept and every role read or refused (see :meth:`settle`).
         self._progress = threading.Condition(self._lock)
+        #: Accepted connections that have not announced their role yet.
+        self._unannounced = 0
 
     def start(self) -> None:
         self.threads.start("migrate-receive-accept", self._accept_loop, stopper=self.listener.abort)
@@ -142,27 +144,39 @@ class Acceptor:
                 number = self._accepted
                 self._accepted += 1
                 self._open += 1
+                self._unannounced += 1
                 self._progress.notify_all()
             try:
                 self.threads.start(f"migrate-receive-conn-{number}", self._dispatch, conn, stopper=conn.shutdown)
             except RuntimeError:  # the group is stopping: this connection came too late
+                self._announced()
                 conn.close()
                 return
 
-    def wait_until_queue_empty(self, timeout: float) -> None:
-        """Wait (at most ``timeout``) until every connection the peer already opened has been accepted.
+    def settle(self, timeout: float) -> None:
+        """Wait (at most ``timeout``) until every connection the peer opened has been accepted and has said
+        its role (or was dropped for not saying it).
 
-        A source opens its connections before it sends State; when State
-        arrives they are in the listener's queue at the latest.  Every accept
-        notifies, so this sleeps only while there is something to accept.
+        A source opens its connections before it sends State, so when State
+        arrives they are in the listener's queue at the latest; a connection
+        whose role is still unknown could be a Fault connection, and a precopy
+        destination must not restore State without knowing (it would run a VM
+        whose memory never came).  Accepts and roles notify, so this sleeps
+        only while something is on its way; each role has ``role_timeout_s``.
         """
         deadline = time.monotonic() + timeout
         with self._progress:
-            while self.listener.pending():
+            while self.listener.pending() or self._unannounced:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
                 self._progress.wait(min(remaining, 0.1))
+
+    def _announced(self) -> None:
+        """One accepted connection has said its role, or was dropped."""
+        with self._progress:
+            self._unannounced -= 1
+            self._progress.notify_all()
 
     def _dispatch(self, conn: Connection) -> None:
         """Read the role, then hand the connection to its handler (which owns it from then on)."""
@@ -185,13 +199,23 @@ class Acceptor:
         except ChmigError as exc:
             log.warning("dropping additional connection %s: %s", conn.peer, exc.message)
             conn.close()
+            self._announced()
             return
+        except BaseException:
+            self._announced()
+            raise
         try:
             conn.set_nodelay()
         except ChmigError as exc:
             log.warning("dropping additional connection %s: %s", conn.peer, exc.message)
             conn.close()
+            self._announced()
             return
+        if role is p.ConnectionRole.FAULT:
+            handler(channel)  # queued before it counts as announced: settle() then finds it there
+            self._announced()
+            return
+        self._announced()
         handler(channel)
 
     def _name(self, role: p.ConnectionRole) -> str:
@@ -480,6 +504,8 @@ class Receiver:
         first) and register guest RAM with userfaultfd; after the restore the
         pager's threads start (they may pull while the VM is still paused).
         """
+        if self.acceptor is not None:
+            self.acceptor.settle(self.limits.role_timeout_s)
         faults = self._take_fault_connections() if self.memory_mode == "postcopy" else []
         self._finish_workers()
         if self.workers is not None and self.workers.errors:
@@ -494,7 +520,7 @@ class Receiver:
                 raise ProtocolError("the source opened a Fault connection: it migrates by postcopy, but this "
                                     "destination receives by precopy (memory_mode=postcopy on both sides)",
                                     where="State")
-            self.destination.restore(incoming.payload)
+            self.destination.restore(incoming.payload, ready=self._check_memory_arrived)
             return
         assert self.memory is not None
         self.pager = PostcopyPager(self.memory, faults, self.prefetch, self.limits,
@@ -504,6 +530,13 @@ class Receiver:
         self.destination.restore(incoming.payload)
         self.pager.start()
 
+    def _check_memory_arrived(self) -> None:
+        """Precopy: a VM that ran has pages; restoring its State into empty RAM would run a wreck."""
+        if self.destination.mode == "precopy" and self.stats.total_bytes == 0:
+            raise ProtocolError("State came before any memory: a precopy source sends the guest's pages first "
+                                "(if the source migrates by postcopy, receive with memory_mode=postcopy)",
+                                where="State")
+
     def _take_fault_connections(self) -> list[Channel]:
         """Postcopy: the first Fault connection (at most ``fault_connection_wait_s``), then those queued with it."""
         try:
@@ -511,8 +544,8 @@ class Receiver:
         except queue.Empty:
             raise PostcopyError(f"no Fault connection within {self.limits.fault_connection_wait_s:g} s: is the "
                                 "source migrating with memory_mode=postcopy?", where="State") from None
-        if self.acceptor is not None:
-            self.acceptor.wait_until_queue_empty(self.limits.role_timeout_s)
+        if self.acceptor is not None:  # the others came with it
+            self.acceptor.settle(self.limits.role_timeout_s)
         return [first]
 
     def _queued_fault_connections(self) -> list[Channel]:

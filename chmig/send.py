@@ -31,7 +31,7 @@ from . import protocol as p
 from .channel import Channel, Observers
 from .errors import ChmigError, ConvergenceError, MigrationError, PostcopyError, TransportError, UsageError
 from .memory import GuestMemory
-from .postcopy import PostcopyStats
+from .postcopy import PostcopyStats, PresentPages
 from .stats import Iteration, MigrationStats
 from .threads import ThreadGroup
 from .transport import TlsConfig, Url, connect, parse_url
@@ -221,6 +221,12 @@ class FaultServer:
     destination closes its connection.  A connection the destination never
     uses and closes is normal (Cloud Hypervisor's takes only one).  :meth:`wait`
     returns when every connection has ended, and raises the first failure.
+
+    A destination closes its Fault connections when it has every page — or
+    when it died.  On the wire the two look the same (a killed process's
+    sockets close cleanly), so the source keeps a bitmap of the pages it
+    served: connections that all closed while some page was never asked for
+    are a failure, and the VM stays here.
     """
 
     def __init__(self, memory: GuestMemory, options: SendOptions, observers: Observers, stats: PostcopyStats,
@@ -234,6 +240,8 @@ class FaultServer:
         self.channels: list[Channel] = []
         self.threads = ThreadGroup("migrate-send-faults")
         self.errors: list[str] = []
+        #: Which pages the destination has asked for (and so has).
+        self.served = PresentPages(memory.ram_ranges())
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
         self._running = 0
@@ -277,10 +285,12 @@ class FaultServer:
                 self._running -= 1
                 self._ended.notify_all()
 
-    def _count(self, pages: int) -> None:
+    def _count(self, page: p.MemoryRange) -> None:
+        for gpa, length in self.memory.split(page):
+            self.served.mark(gpa, length)
         with self._lock:
-            self.stats.pages_served += pages
-            self.migration_stats.total_bytes += pages * p.PAGE_SIZE
+            self.stats.pages_served += page.length // p.PAGE_SIZE
+            self.migration_stats.total_bytes += page.length
 
     def wait(self) -> None:
         """Block until the destination has closed every Fault connection; raise the first failure."""
@@ -289,6 +299,10 @@ class FaultServer:
         self.threads.join(timeout=10)
         if self.errors:
             raise PostcopyError(f"a Fault connection failed ({self.errors[0]})", where="postcopy")
+        if not self.served.whole:
+            raise PostcopyError(f"the destination closed every Fault connection with {self.served.missing} of "
+                                f"{self.served.total} pages never asked for: it cannot have the whole VM (did it "
+                                "fail?)", where="postcopy")
 
     def stop(self) -> None:
         """Shut every Fault connection down (the migration failed before Complete, or the VMM is exiting)."""

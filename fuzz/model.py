@@ -607,6 +607,8 @@ class ReferenceReceiver:
         self.memory_fds: dict[int, FdSpec] = {}
         #: A memory connection failed (True), may have failed (None), or none did (False): State depends on it.
         self.worker_failed: bool | None = False
+        #: Guest memory came (True), may have come (None), or none did (False): a precopy State needs some.
+        self.memory_arrived: bool | None = False
         self.same_cpus = False
 
     # -- the main connection -----------------------------------------------------------------------
@@ -737,6 +739,11 @@ class ReferenceReceiver:
         verdict, reason = judge_state(document, self.ctx.recorded_state, cpus)
         if override:
             return override
+        if not self.memory_fds and verdict is not Verdict.ERROR:
+            if self.memory_arrived is False:
+                return Verdict.ERROR, "State before any guest memory (precopy)"
+            if self.memory_arrived is None:
+                return Verdict.EITHER, "State after memory that may not have arrived"
         if worker_failed is None and verdict is Verdict.OK:
             return Verdict.EITHER, "a memory connection may have failed"
         if not self.same_cpus and verdict is Verdict.OK:
@@ -759,6 +766,11 @@ class ReferenceReceiver:
         if end > len(stream):
             return Planned(at, end, 4, Verdict.EITHER, "the stream ends inside the memory data", complete=False,
                            data=len(stream) - table_end)
+        if data and target is not None:  # on the main connection (a worker's is counted by its plan)
+            if verdict is Verdict.OK:
+                self.memory_arrived = True
+            elif self.memory_arrived is False:
+                self.memory_arrived = None
         return Planned(at, end, 4, verdict, reason, data=data)
 
     def judge_table(self, table: bytes) -> tuple[Verdict, str, int]:

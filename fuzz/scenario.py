@@ -264,6 +264,8 @@ class Worker:
             model.worker_failed = True
         elif failed is None and model.worker_failed is False:
             model.worker_failed = None
+        if self.data and model.memory_arrived is False:
+            model.memory_arrived = None  # counted once the worker's requests were taken: not decidable here
 
     @property
     def data(self) -> int:
