@@ -93,6 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--memory", default="256M", help="guest RAM size (default 256M)")
     demo.add_argument("--cpus", type=int, default=2, help="vCPUs (default 2)")
     demo.add_argument("--connections", type=int, default=2, help="migration connections (default 2)")
+    demo.add_argument("--postcopy", action="store_true",
+                      help="migrate by postcopy: the VM runs on the destination at once, its pages follow")
 
     selfcheck = sub.add_parser("selfcheck", help="a full protocol exchange between two threads over loopback")
     selfcheck.set_defaults(handler=_selfcheck)

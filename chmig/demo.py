@@ -2,7 +2,8 @@
 
 1. ``chmig run`` boots a KVM VM whose guest checks all of its memory, round after round.
 2. ``chmig receive --listen tcp:127.0.0.1:0`` waits for a migration.
-3. ``send-migration`` moves the running VM over loopback TCP (precopy, several connections).
+3. ``send-migration`` moves the running VM over loopback TCP (precopy, several connections; or, with
+   ``--postcopy``, postcopy: the VM runs on the destination at once and its pages follow).
 4. The guest, now in the other process, keeps counting rounds and reports zero mismatches.
 """
 
@@ -35,16 +36,29 @@ def main_demo(args: argparse.Namespace) -> int:
             source = procs.run(*vm_args)
             before = source.wait_rounds(2 * args.cpus, timeout=120)["guest"]
             say(f"   guest verifying its memory: {before['rounds']} rounds, {before['errors']} errors")
-            dest, url = procs.receive("tcp:127.0.0.1:0")
-            say(f"2. destination: chmig receive --listen {url}")
-            options = {"destination_url": url, "connections": args.connections}
-            say(f"3. live migration: send-migration destination_url={url},connections={args.connections}")
+            postcopy = getattr(args, "postcopy", False)
+            receive_args = ("--memory-mode", "postcopy") if postcopy else ()
+            dest, url = procs.receive("tcp:127.0.0.1:0", *receive_args)
+            say(f"2. destination: chmig receive --listen {url} {' '.join(receive_args)}".rstrip())
+            if postcopy:
+                options = {"destination_url": url, "memory_mode": "postcopy"}
+                say(f"3. live migration: send-migration destination_url={url},memory_mode=postcopy")
+            else:
+                options = {"destination_url": url, "connections": args.connections}
+                say(f"3. live migration: send-migration destination_url={url},connections={args.connections}")
             stats = source.call("PUT", "vm.send-migration", options, timeout=600)
-            for line in _table(stats["iterations"]):
+            for line in _table(stats["iterations"]) if stats["iterations"] else []:
                 say(line)
             say(f"   total {stats['total_time_ms'] / 1000:.2f} s, downtime {stats['downtime_ms']:.1f} ms "
                 f"(goal {stats['downtime_goal_ms']} ms), {stats['total_bytes'] / 2**20:.0f} MiB sent")
             say(f"   source process exited with {source.wait_exit(60)}")
+            if postcopy:
+                whole = dest.wait_for(lambda i: i["migration"]["postcopy"]["status"] != "pulling", timeout=120,
+                                      what="the VM to become whole")["migration"]["postcopy"]
+                latency = whole["fault_latency_us"]
+                say(f"   postcopy: {whole['status']} after {whole['whole_after_ms'] or 0:.0f} ms; "
+                    f"{whole['pages_faulted']} pages on demand (fault latency p50 {latency['p50']:.0f} µs, "
+                    f"p99 {latency['p99']:.0f} µs), {whole['pages_pulled']} pulled in the background")
             arrived = dest.info()["guest"]
             after = dest.wait_for(
                 lambda i: all(v["rounds"] >= a["rounds"] + 2 for v, a in zip(i["guest"]["vcpus"], arrived["vcpus"])),
