@@ -63,6 +63,7 @@ pages still live on the source.
 from __future__ import annotations
 
 import bisect
+import errno
 import logging
 import math
 import os
@@ -74,7 +75,7 @@ from typing import Any
 
 from . import protocol as p
 from .channel import Channel
-from .errors import ChmigError, PostcopyError, ProtocolError, StuckThreadError, UsageError
+from .errors import ChmigError, PostcopyError, ProtocolError, StuckThreadError, UffdError, UsageError
 from .memory import GuestMemory
 from .options import parse_size
 from .threads import ThreadGroup
@@ -388,11 +389,17 @@ class PostcopyPager:
         pull_on_urgent = not pullers and self.prefetch.strategy != OFF
         if self.prefetch.strategy == OFF:
             self._idle.extend(pullers)  # never used: watched from the start
-        self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.shutdown)
-        if self.prefetch.strategy != OFF:
-            for channel in pullers:
-                self.threads.start(f"postcopy-pull-{channel.name}", self._pull_loop, channel,
-                                   stopper=channel.shutdown)
+        try:
+            self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.shutdown)
+            if self.prefetch.strategy != OFF:
+                for channel in pullers:
+                    self.threads.start(f"postcopy-pull-{channel.name}", self._pull_loop, channel,
+                                       stopper=channel.shutdown)
+        except RuntimeError:
+            # A thread already started has failed, and stopping the group refused the rest: the pager has
+            # ended with that failure (``error``), which its owner handles like any other.
+            if not self.done.is_set():
+                raise
 
     # -- addresses -----------------------------------------------------------------------------
 
@@ -520,7 +527,13 @@ class PostcopyPager:
             self.uffd.copy(host, buffer.address, rng.length)
         elif shared:
             # The peer wrote the page into the shared memfd itself (the offload daemon's on-demand restore).
-            self.uffd.continue_range(host, rng.length)
+            try:
+                self.uffd.continue_range(host, rng.length)
+            except UffdError as exc:
+                if getattr(exc, "errno", None) != errno.EFAULT:
+                    raise
+                raise ProtocolError("the source answered Ok with no bytes (it wrote the page into the shared "
+                                    "memory), but the page is not there", where=f"PageFault {rng.gpa:#x}") from None
         else:
             raise ProtocolError("the source answered a PageFault with no bytes, but this guest memory is private: "
                                 "it cannot have written the page", where=f"PageFault {rng.gpa:#x}")

@@ -568,7 +568,13 @@ class Receiver:
         self.destination.complete(resume=False)
 
     def _pass_point_of_no_return(self, step: str) -> None:
-        """From here on a cancel is refused and the VM is never discarded (unless a cancel came first)."""
+        """From here on a cancel is refused and the VM is never discarded (unless a cancel came first).
+
+        Postcopy that already failed (the pull starts at State) refuses Complete instead: the source can
+        still take its VM back, and resume it.
+        """
+        if self.pager is not None and self.pager.stats.status == "failed":
+            raise PostcopyError(f"postcopy failed before Complete: {self.pager.error}", where=step)
         with self._cancel_lock:
             if self._cancelled.is_set():
                 raise MigrationError("the migration was cancelled on the destination", where=step)

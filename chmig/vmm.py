@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 from . import __version__
 from .channel import Observers
-from .errors import MigrationError, StuckThreadError, UsageError, VmError
+from .errors import ChmigError, MigrationError, PostcopyError, StuckThreadError, UsageError, VmError
 from .memory import GuestMemory
 from .postcopy import PostcopyPager
 from .receive import ReceiveOptions, Receiver
@@ -105,6 +105,8 @@ class Vmm:
         self.postcopy_threads = ThreadGroup("postcopy-owner")
         #: ``chmig receive --exit-after-migration``: end the process once the VM is whole.
         self.exit_when_whole = False
+        #: Why the process ends non-zero, when that is an error the CLI should print (postcopy failed).
+        self.exit_error: ChmigError | None = None
         #: The outgoing migration in progress (its postcopy serving is stopped if the VMM exits).
         self.sender: Sender | None = None
 
@@ -305,6 +307,8 @@ class Vmm:
         if self.migration is not None and self.migration.postcopy is pager.stats:
             self.migration.status = "failed"
             self.migration.error = f"postcopy failed: {error}"
+        self.exit_error = PostcopyError(f"failed: {error}; the VM was stopped (its missing pages "
+                                        "exist only on the source)", where="postcopy")
         self.exit_code = 1
         self.exit_event.set()
 
@@ -409,7 +413,10 @@ def main_run(args: argparse.Namespace) -> int:
     except BaseException:
         vmm.close()
         raise
-    return wait_for_exit(vmm, server)
+    code = wait_for_exit(vmm, server)
+    if vmm.exit_error is not None:
+        raise vmm.exit_error  # the CLI prints it as one line and exits 1
+    return code
 
 
 def main_receive(args: argparse.Namespace) -> int:
@@ -437,4 +444,7 @@ def main_receive(args: argparse.Namespace) -> int:
             server.stop()
         vmm.close()
         raise
-    return wait_for_exit(vmm, server)
+    code = wait_for_exit(vmm, server)
+    if vmm.exit_error is not None:
+        raise vmm.exit_error  # the CLI prints it as one line and exits 1
+    return code

@@ -1,7 +1,7 @@
-"""``python -m fuzz --cases N --seed S [--target wire|api|pagefault|all] [--inprocess|--process] [--only INDEX ...]``.
+"""``python -m fuzz --cases N --seed S [--target wire|api|pagefault|pager|all] [--inprocess|--process] [--only INDEX ...]``.
 
-Dispatches to :func:`fuzz.wire.run`, ``fuzz.api.run`` and :func:`fuzz.pagefault.run`; each has the
-signature ``run(cases, seed, report) -> failures``.  The exit status is 1 if any case failed.
+Dispatches to :func:`fuzz.wire.run`, ``fuzz.api.run``, :func:`fuzz.pagefault.run` and :func:`fuzz.pager.run`;
+each has the signature ``run(cases, seed, report) -> failures``.  The exit status is 1 if any case failed.
 """
 
 from __future__ import annotations
@@ -21,12 +21,12 @@ def report(line: str) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fuzz",
-        description="Hostile-peer fuzzers: the migration wire (fuzz.wire), the API socket (fuzz.api) and the "
-                    "source's PageFault server (fuzz.pagefault).")
+        description="Hostile-peer fuzzers: the migration wire (fuzz.wire), the API socket (fuzz.api), the "
+                    "source's PageFault server (fuzz.pagefault) and the destination's postcopy pager (fuzz.pager).")
     parser.add_argument("--cases", type=int, default=1000, help="cases per fuzzer (default 1000)")
     parser.add_argument("--seed", type=int, default=1, help="seed: a case is fixed by (seed, index)")
-    parser.add_argument("--target", choices=["wire", "api", "pagefault", "all"], default="all",
-                        help="which fuzzer (default all: wire, api, pagefault)")
+    parser.add_argument("--target", choices=["wire", "api", "pagefault", "pager", "all"], default="all",
+                        help="which fuzzer (default all: wire, api, pagefault, pager)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--inprocess", dest="mode", action="store_const", const="inprocess",
                        help="wire: every case against an in-process Receiver")
@@ -34,7 +34,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                        help="wire: every case against a fresh `chmig receive` process")
     parser.add_argument("--process-share", type=float, default=0.1,
                         help="wire, interleaved: share of cases run against a process (default 0.1)")
-    parser.add_argument("--only", type=int, nargs="+", metavar="INDEX", help="wire: run only these case indexes")
+    parser.add_argument("--only", type=int, nargs="+", metavar="INDEX",
+                        help="wire, pagefault, pager: run only these case indexes")
     parser.add_argument("--recording", type=Path,
                         help="wire: replay the recording saved in DIR (recorded and saved there if missing)")
     parser.add_argument("--bound", type=float, default=15.0,
@@ -65,6 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         failures += pagefault.run(args.cases, args.seed, report, only=args.only)
         ran.append("pagefault")
+    if args.target in ("pager", "all"):
+        from . import pager
+
+        failures += pager.run(args.cases, args.seed, report, only=args.only, verbose=args.verbose)
+        ran.append("pager")
     report(f"fuzz ({', '.join(ran)}): {failures} failures in {time.monotonic() - begin:.1f} s, seed {args.seed}")
     return 1 if failures else 0
 

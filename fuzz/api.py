@@ -15,6 +15,8 @@ Every case is checked:
 * whatever came back is a sequence of well-formed HTTP/1.1 responses whose
   bodies are JSON (errors are ``{"error": "one line"}``): never HTML, never a
   traceback, never ``internal error``;
+* a valid request (built by the model of every field and its rules, postcopy's ``fault_connections`` and
+  ``prefetch`` included) is never refused with 400;
 * the target is alive and answers ``GET /api/v1/vmm.ping`` within 5 s;
 * its log and standard error gained no traceback and no unexpected-error line.
 
@@ -360,8 +362,15 @@ ROUTES: list[tuple[str, str]] = [
 FORBIDDEN_ACTIONS = frozenset({"vm.shutdown", "vmm.shutdown"})
 
 SEND_FIELDS = {"destination_url": str, "local": bool, "preserve_source": bool, "downtime_ms": int,
-               "timeout_s": int, "timeout_strategy": str, "connections": int, "tls_dir": str, "memory_mode": str}
-RECEIVE_FIELDS = {"receiver_url": str, "tls_dir": str, "memory_mode": str}
+               "timeout_s": int, "timeout_strategy": str, "connections": int, "tls_dir": str, "memory_mode": str,
+               "fault_connections": int}
+RECEIVE_FIELDS = {"receiver_url": str, "tls_dir": str, "memory_mode": str, "prefetch": str}
+#: Postcopy: fault_connections is 1..16 (memory_mode=postcopy refuses local=true and connections > 1); prefetch
+#: (string or null) is page, off or a page-aligned size from 256K to 2M, and only with memory_mode=postcopy.
+MAX_FAULT_CONNECTIONS = 16
+VALID_PREFETCH = ["page", "off", "PAGE", "256K", "1M", "2M", "2m", "524288", "300K", "1536K"]
+#: Refused: out of range, not page aligned, not a size.
+BAD_PREFETCH = ["0", "4K", "255K", "2049K", "3M", "257K", "1G", "-1M", "pages", "1.5M", "1M ", "0x100000"]
 URL_FIELDS = frozenset({"destination_url", "receiver_url"})
 #: URL strings parse_url refuses: no tcp: URL here can ever be connected to (or even resolved).
 BAD_URLS = ["", "tcp:", "tcp:x", "tcp:[::1", "udp:1.2.3.4:5", "unix:", "unix", ":", "unix:\u0000x", "http://x/",
@@ -444,17 +453,26 @@ class Generator:
     def _valid_body(self, rng: random.Random, action: str) -> dict[str, Any] | None:
         if action == "vm.send-migration":
             body: dict[str, Any] = {"destination_url": self._nowhere(rng)}
-            optional = {"local": rng.random() < 0.5, "preserve_source": rng.random() < 0.5,
+            postcopy = rng.random() < 0.3
+            optional = {"local": rng.random() < 0.5 and not postcopy, "preserve_source": rng.random() < 0.5,
                         "downtime_ms": rng.choice([1, 300, 10_000]), "timeout_s": rng.choice([1, 3600]),
                         "timeout_strategy": rng.choice(["cancel", "ignore", "CANCEL"]),
-                        "connections": 1, "memory_mode": rng.choice(["precopy", "PreCopy"]), "tls_dir": None}
+                        "connections": 1,
+                        "memory_mode": rng.choice(["postcopy", "PostCopy"] if postcopy else ["precopy", "PreCopy"]),
+                        "fault_connections": rng.choice([1, 2, 4, MAX_FAULT_CONNECTIONS]), "tls_dir": None}
             for name in rng.sample(sorted(optional), rng.randrange(len(optional) + 1)):
                 body[name] = optional[name]
+            if postcopy:
+                body["memory_mode"] = optional["memory_mode"]
             return body
         if action == "vm.receive-migration":
             body = {"receiver_url": self._receive_url(rng)}
             if rng.random() < 0.3:
                 body["memory_mode"] = "precopy"
+            elif rng.random() < 0.4:
+                body["memory_mode"] = rng.choice(["postcopy", "POSTCOPY"])
+                if rng.random() < 0.7:
+                    body["prefetch"] = rng.choice(VALID_PREFETCH + [None])
             if rng.random() < 0.2:
                 body["tls_dir"] = None
             return body
@@ -488,9 +506,13 @@ class Generator:
         if kind is str and name in URL_FIELDS:
             good = self._receive_url(rng) if name == "receiver_url" else self._nowhere(rng)
             pool += [rng.choice(BAD_URLS), good, f"unix:{self.workdir}/" + "d/" * 80 + "x.sock"]
+        elif name == "prefetch":
+            pool += VALID_PREFETCH + BAD_PREFETCH + ["precopy", "\n"]
         elif kind is str:
             pool += ["precopy", "postcopy", "cancel", "ignore", "bogus", str(self.workdir), "/nonexistent",
                      "\n", "a,b=c"]
+        elif name == "fault_connections":
+            pool += [2, MAX_FAULT_CONNECTIONS, MAX_FAULT_CONNECTIONS + 1, 128]
         elif kind is int:
             pool += [2, 128, 129, 300, 3600]
         return rng.choice(pool)
@@ -709,6 +731,11 @@ def run_case(case: Case) -> list[str]:
             problems.append("a complete request got no answer")
         if any(a.status == 503 for a in answers):
             problems.append("503 (connection cap) with only this case's connection open")
+        if case.kind == "valid" and any(a.status == 400 for a in answers):
+            # The model's valid bodies follow every rule of the fields (postcopy's too): a 400 means the
+            # model and the server disagree about what is valid.
+            refused = next(a for a in answers if a.status == 400)
+            problems.append(f"a valid request was refused: {refused.body[:200]!r}")
     elif case.mode == "slow":
         try:
             sock = _connect(target.api, ANSWER_TIMEOUT)

@@ -11,7 +11,7 @@ connection, and the memfd a MemoryFd carries as SCM_RIGHTS on a UNIX socket
 local migration works through it).
 
 At one chosen message (a :class:`Point`: by name, connection, the request a
-response answers, the n-th match, and an optional condition) it performs one
+response answers, the header's length, the n-th match, and an optional condition) it performs one
 :class:`Action` instead of forwarding the message:
 
 * ``fin``   — shut both sides of that connection down (each peer sees EOF);
@@ -117,6 +117,8 @@ class Point:
     when: Callable[[], bool] | None = field(default=None, compare=False)
     #: Shown instead of the generated description (e.g. "the final Memory").
     label: str | None = field(default=None, compare=False)
+    #: Only a message whose header's length field is this (e.g. a PageFault answer of one page).
+    length: int | None = None
 
     def matches(self, seen: Seen) -> bool:
         """The static part of the match (``when`` and ``nth`` are the proxy's business)."""
@@ -124,12 +126,15 @@ class Point:
             return False
         if self.connection is not None and not fnmatch.fnmatchcase(seen.connection, self.connection):
             return False
+        if self.length is not None and seen.length != self.length:
+            return False
         return self.answers is None or seen.answers == self.answers
 
     def __str__(self) -> str:
         if self.label:
             return self.label
         what = f"{self.name} to {self.answers}" if self.answers else self.name
+        what += f" of length {self.length}" if self.length is not None else ""
         where = f" on {self.connection}" if self.connection else ""
         return f"{_ordinal(self.nth)} {what}{where}"
 
@@ -340,6 +345,28 @@ class FaultProxy:
         with self._lock:  # listed once started, so close() never joins a thread that has not begun
             self._threads.append(thread)
         return thread
+
+    def reset_stalled(self) -> int:
+        """End every stalled connection now, with a reset toward both peers; return how many there were.
+
+        The partition heals with the connection gone.  :meth:`close` ends a stall with a FIN and then, when
+        the stalled message's bytes are still unread, a reset as the socket closes: which of the two a
+        reading peer sees first is a race.  This makes it a reset, always.  The link's relays stay parked
+        until :meth:`close`.
+        """
+        with self._lock:
+            links = [link for link in self._links if link.state == "stalled"]
+        for link in links:
+            for sock in link.sockets.values():
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                except OSError:
+                    pass
+            # SHUT_RD sends nothing and wakes a relay blocked reading, which then parks (the link is
+            # stalled): the close is the sockets' last use, and sends the resets.
+            link.shutdown(socket.SHUT_RD)
+            link.close()
+        return len(links)
 
     # -- the report ---------------------------------------------------------------------------------
 
