@@ -488,6 +488,10 @@ class Channel:
         """Wake a thread blocked on this channel (from any thread)."""
         self.conn.shutdown()
 
+    def reset(self) -> None:
+        """Abort: wake a thread blocked on this channel; closing it then sends a reset, not a clean end."""
+        self.conn.reset()
+
     def close(self) -> None:
         self.conn.close()
 

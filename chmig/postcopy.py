@@ -67,7 +67,9 @@ import errno
 import logging
 import math
 import os
+import random
 import select
+import socket
 import threading
 import time
 from dataclasses import dataclass, field
@@ -86,6 +88,8 @@ log = logging.getLogger(__name__)
 
 #: Pull strategies: ranges of ``prefetch`` bytes, Cloud Hypervisor's one page per idle loop, or no pull.
 BATCHED, PAGE, OFF = "batched", "page", "off"
+#: Fault latencies kept for the percentiles (a uniform sample beyond this many faults).
+LATENCY_SAMPLES = 65536
 
 
 @dataclass(frozen=True)
@@ -236,11 +240,16 @@ class PostcopyStats:
     #: From State (userfaultfd registered) until every page was present.
     whole_after_ms: float | None = None
     #: Total time vCPUs waited for their faults to be resolved ("postcopy blocktime" in QEMU), measured from
-    #: the moment the fault thread read each fault.
+    #: the moment the fault thread read each fault: a lower bound (the time a fault spent queued in the kernel
+    #: before that — e.g. behind a pull range on a single connection — is not seen).  The fault latencies are
+    #: measured the same way.
     blocktime_ms: float = 0.0
     #: The migration's statistics, whose ``total_bytes`` grows with every page brought in.
     counts_bytes_into: Any = field(default=None, repr=False)
     _latencies_us: list[float] = field(default_factory=list, repr=False)
+    _sorted: list[float] | None = field(default=None, repr=False)
+    _max_us: float = field(default=0.0, repr=False)
+    _random: random.Random = field(default_factory=lambda: random.Random(0), repr=False)
     _begin: float = field(default_factory=time.monotonic, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
@@ -253,23 +262,41 @@ class PostcopyStats:
                 self.counts_bytes_into.total_bytes += (faulted + pulled) * PAGE_SIZE
 
     def record_fault(self, latency_s: float) -> None:
+        """One fault resolved ``latency_s`` after the fault thread read it.
+
+        The percentiles come from a uniform sample of at most
+        :data:`LATENCY_SAMPLES` faults (reservoir sampling): a VM of 64 GiB
+        faults millions of times, and ``vm.info`` must stay cheap.  The count,
+        the maximum and the blocktime are exact.
+        """
+        latency_us = latency_s * 1e6
         with self._lock:
             self.faults += 1
-            self._latencies_us.append(latency_s * 1e6)
             self.blocktime_ms += latency_s * 1000
+            self._max_us = max(self._max_us, latency_us)
+            if len(self._latencies_us) < LATENCY_SAMPLES:
+                self._latencies_us.append(latency_us)
+            else:
+                slot = self._random.randrange(self.faults)
+                if slot < LATENCY_SAMPLES:
+                    self._latencies_us[slot] = latency_us
+            self._sorted = None
 
     def latency_us(self) -> dict[str, float]:
         with self._lock:
-            values = sorted(self._latencies_us)
+            if self._sorted is None:
+                self._sorted = sorted(self._latencies_us)
+            values, most = self._sorted, self._max_us
         return {"p50": round(percentile(values, 0.50), 1), "p90": round(percentile(values, 0.90), 1),
-                "p99": round(percentile(values, 0.99), 1), "max": round(values[-1], 1) if values else 0.0}
+                "p99": round(percentile(values, 0.99), 1), "max": round(most, 1)}
 
     def became_whole(self) -> None:
         self.whole_after_ms = round((time.monotonic() - self._begin) * 1000, 3)
         self.status = "whole"
 
     def to_json(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k != "counts_bytes_into"}
+        with self._lock:
+            data = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k != "counts_bytes_into"}
         data["blocktime_ms"] = round(self.blocktime_ms, 3)
         if self.role == "destination":
             data["fault_latency_us"] = self.latency_us()
@@ -295,9 +322,18 @@ class PostcopyStats:
 _PEER_SPOKE = select.POLLIN | select.POLLRDHUP
 
 
-def _unasked(channel: Channel, events: int) -> PostcopyError:
-    """The error for an idle Fault connection that became readable (see :meth:`PostcopyPager._fault_loop`)."""
-    if events & (select.POLLHUP | select.POLLRDHUP | select.POLLERR):
+def _unasked(channel: Channel, events: int) -> PostcopyError | None:
+    """Why an idle Fault connection became readable (see :meth:`PostcopyPager._fault_loop`); None if it did not
+    really (a peek finds nothing to read and no end)."""
+    try:
+        # The raw socket under TLS too: only "is anything there, or the end" matters here.
+        peeked = socket.socket.recv(channel.conn.socket, 1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+    except (BlockingIOError, InterruptedError):
+        return None
+    except OSError as exc:
+        return PostcopyError(f"the source's end of {channel.name} failed: {exc.strerror} (did it fail?)",
+                             where="postcopy")
+    if not peeked:
         return PostcopyError(f"the source closed {channel.name} (did it fail?)", where="postcopy")
     return PostcopyError(f"the source sent bytes on {channel.name} that nobody asked for", where="postcopy")
 
@@ -323,7 +359,11 @@ class PostcopyPager:
     """
 
     def __init__(self, memory: GuestMemory, channels: list[Channel], prefetch: Prefetch = Prefetch(),
-                 limits: p.Limits = p.DEFAULT_LIMITS, stats: PostcopyStats | None = None) -> None:
+                 limits: p.Limits = p.DEFAULT_LIMITS, stats: PostcopyStats | None = None, *,
+                 shared_with_source: bool = False, memory_arrived: bool = False) -> None:
+        """``shared_with_source``: the shared zones' memfds came from the peer (MemoryFd), which may answer a
+        PageFault by writing the page into them (length 0; MINOR mode, ``UFFDIO_CONTINUE``).
+        ``memory_arrived``: some pages came before State (hybrid): find out which are present."""
         if not channels:
             raise PostcopyError("postcopy needs at least one Fault connection", where="postcopy")
         self.memory = memory
@@ -338,6 +378,8 @@ class PostcopyPager:
         self.stats.fault_connections = len(self.channels)
         self.present = PresentPages(memory.ram_ranges())
         self.stats.pages_total = self.present.total
+        self.shared_with_source = shared_with_source
+        self.memory_arrived = memory_arrived
         self.uffd: u.Userfaultfd | None = None
         self.threads = ThreadGroup("postcopy")
         #: Set once the VM is whole, or postcopy failed or was stopped.
@@ -359,23 +401,32 @@ class PostcopyPager:
     # -- set-up --------------------------------------------------------------------------------
 
     def register(self) -> None:
-        """Register every slot with userfaultfd (MISSING; MISSING|MINOR for shared memory), before State."""
+        """Register every slot with userfaultfd, before State.
+
+        MISSING mode everywhere; MINOR too on shared memory whose memfd the
+        peer holds (it may write pages into it).  Never MINOR otherwise: a
+        page of our own memfd that the kernel reclaimed would come back as a
+        minor fault on a page the bitmap calls present.
+        """
+        for channel in self.unused:
+            channel.close()
         shared = any(zone.config.shared for zone in self.memory.zones.values())
-        features = (u.UFFD_FEATURE_MISSING_SHMEM | u.UFFD_FEATURE_MINOR_SHMEM) if shared else 0
+        minor = shared and self.shared_with_source
+        features = (u.UFFD_FEATURE_MISSING_SHMEM if shared else 0) | (u.UFFD_FEATURE_MINOR_SHMEM if minor else 0)
         self.uffd = u.Userfaultfd(features)
         for host, size, gpa, is_shared in self._spans:
-            mode = u.UFFDIO_REGISTER_MODE_MISSING | (u.UFFDIO_REGISTER_MODE_MINOR if is_shared else 0)
+            mode = u.UFFDIO_REGISTER_MODE_MISSING | (u.UFFDIO_REGISTER_MODE_MINOR if is_shared and minor else 0)
             self.uffd.register(host, size, mode)
-        # Pages that are here already (hybrid precopy→postcopy sends some first) never fault.
-        for rng in self.memory.populated_table():
-            for gpa, length in self.memory.split(rng):
-                self.present.mark(gpa, length)
+        if self.memory_arrived:
+            # Pages that came before State (hybrid precopy→postcopy) never fault.  Only then: an unreadable
+            # pagemap reads as "all present", which must never make an empty VM whole.
+            for rng in self.memory.populated_table():
+                for gpa, length in self.memory.split(rng):
+                    self.present.mark(gpa, length)
         self.stats.pages_present_at_start = self.present.present
         self.memory.present = self.present
         for channel in self.channels:
             channel.set_timeout(self.limits.fault_response_timeout_s)
-        for channel in self.unused:
-            channel.close()
         log.info("postcopy: userfaultfd on %d MiB of guest RAM (%d pages missing), %d Fault connection(s), "
                  "prefetch %s", self.memory.total_size // MiB, self.present.missing, len(self.channels), self.prefetch)
 
@@ -390,11 +441,11 @@ class PostcopyPager:
         if self.prefetch.strategy == OFF:
             self._idle.extend(pullers)  # never used: watched from the start
         try:
-            self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.shutdown)
+            self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.reset)
             if self.prefetch.strategy != OFF:
                 for channel in pullers:
                     self.threads.start(f"postcopy-pull-{channel.name}", self._pull_loop, channel,
-                                       stopper=channel.shutdown)
+                                       stopper=channel.reset)
         except RuntimeError:
             # A thread already started has failed, and stopping the group refused the rest: the pager has
             # ended with that failure (``error``), which its owner handles like any other.
@@ -445,9 +496,17 @@ class PostcopyPager:
                     for idle_channel in self._idle_channels(take=True):
                         idle[idle_channel.conn.fileno()] = idle_channel
                         poller.register(idle_channel.conn.fileno(), _PEER_SPOKE)
-                for fd, idle_channel in idle.items():
+                for fd, idle_channel in list(idle.items()):
                     if ready.get(fd):
-                        raise _unasked(idle_channel, ready[fd])
+                        problem = _unasked(idle_channel, ready[fd])
+                        if problem is not None:
+                            raise problem
+                        # Readable with nothing there: do not spin on it (the requests on it still fail
+                        # cleanly if the source is gone).
+                        log.warning("postcopy: %s polled readable (events %#x) with nothing to read: no longer "
+                                    "watched", idle_channel.name, ready[fd])
+                        poller.unregister(fd)
+                        del idle[fd]
                 faults = self.uffd.read_faults()
                 if faults:
                     self._resolve(channel, buffer, faults, time.monotonic())
@@ -492,8 +551,9 @@ class PostcopyPager:
                 minor.add(page)
         for page, count in waiting.items():
             gpa, shared = self._locate(page)
-            if page in minor and not self.present.is_present(gpa):
-                # The page is in the memfd already (the peer wrote it there): only map it.
+            if page in minor:
+                # The page is in the memfd already (the peer wrote it there, or it was here and the kernel
+                # unmapped it): only map it.  A wake alone would bring the same fault back.
                 self.uffd.continue_range(page, PAGE_SIZE)
                 self.stats.count(faulted=self.present.mark(gpa, PAGE_SIZE))
                 self._check_whole()
@@ -525,7 +585,7 @@ class PostcopyPager:
         inline = channel.request_page(rng, buffer.view(rng.length))
         if inline:
             self.uffd.copy(host, buffer.address, rng.length)
-        elif shared:
+        elif shared and self.shared_with_source:
             # The peer wrote the page into the shared memfd itself (the offload daemon's on-demand restore).
             try:
                 self.uffd.continue_range(host, rng.length)
@@ -535,8 +595,8 @@ class PostcopyPager:
                 raise ProtocolError("the source answered Ok with no bytes (it wrote the page into the shared "
                                     "memory), but the page is not there", where=f"PageFault {rng.gpa:#x}") from None
         else:
-            raise ProtocolError("the source answered a PageFault with no bytes, but this guest memory is private: "
-                                "it cannot have written the page", where=f"PageFault {rng.gpa:#x}")
+            raise ProtocolError("the source answered a PageFault with no bytes, but it does not share this guest "
+                                "memory: it cannot have written the page", where=f"PageFault {rng.gpa:#x}")
         return self.present.mark(rng.gpa, rng.length)
 
     def _check_whole(self) -> None:
@@ -603,11 +663,18 @@ class PostcopyPager:
         if not self.done.is_set():
             self.stop("postcopy was closed before it ended")
         stuck: StuckThreadError | None = None
-        try:
-            self.threads.close(timeout=10)
-        except StuckThreadError as exc:
-            stuck = exc
+        # Whole: the threads end by themselves (the stop eventfd, nothing left to pull); their stoppers would
+        # reset the connections, which tells the source something went wrong.
+        if self.stats.status != "whole" or self.threads.wait(10):
+            try:
+                self.threads.close(timeout=10)
+            except StuckThreadError as exc:
+                stuck = exc
         for channel in self.channels:
+            if not self.present.whole:
+                channel.reset()  # not a clean end: the source must not take it for "every page is here"
+            channel.close()
+        for channel in self.unused:
             channel.close()
         self.memory.present = None if self.present.whole else self.present
         if self.uffd is not None:

@@ -157,12 +157,12 @@ class Acceptor:
         """Wait (at most ``timeout``) until every connection the peer opened has been accepted and has said
         its role (or was dropped for not saying it).
 
-        A source opens its connections before it sends State, so when State
-        arrives they are in the listener's queue at the latest; a connection
-        whose role is still unknown could be a Fault connection, and a precopy
-        destination must not restore State without knowing (it would run a VM
-        whose memory never came).  Accepts and roles notify, so this sleeps
-        only while something is on its way; each role has ``role_timeout_s``.
+        A postcopy source opens all its Fault connections before it sends
+        State, so when State arrives they are in the listener's queue at the
+        latest; the destination takes them all (the first is kept for urgent
+        faults).  Accepts and roles notify, so this sleeps only while
+        something is on its way.  (A connection still inside its TLS handshake
+        is not seen: the migration then goes on with the others.)
         """
         deadline = time.monotonic() + timeout
         with self._progress:
@@ -504,8 +504,6 @@ class Receiver:
         first) and register guest RAM with userfaultfd; after the restore the
         pager's threads start (they may pull while the VM is still paused).
         """
-        if self.acceptor is not None:
-            self.acceptor.settle(self.limits.role_timeout_s)
         faults = self._take_fault_connections() if self.memory_mode == "postcopy" else []
         self._finish_workers()
         if self.workers is not None and self.workers.errors:
@@ -524,11 +522,14 @@ class Receiver:
             return
         assert self.memory is not None
         self.pager = PostcopyPager(self.memory, faults, self.prefetch, self.limits,
-                                   PostcopyStats(role="destination", counts_bytes_into=self.stats))
+                                   PostcopyStats(role="destination", counts_bytes_into=self.stats),
+                                   shared_with_source=self.destination.mode == "local",
+                                   memory_arrived=self.stats.total_bytes > 0)
         self.stats.postcopy = self.pager.stats
         self.pager.register()
-        self.destination.restore(incoming.payload)
+        # Faults are served before the restore: loading a real guest's state may touch its RAM (kvmclock).
         self.pager.start()
+        self.destination.restore(incoming.payload)
 
     def _check_memory_arrived(self) -> None:
         """Precopy: a VM that ran has pages; restoring its State into empty RAM would run a wreck."""
@@ -544,8 +545,8 @@ class Receiver:
         except queue.Empty:
             raise PostcopyError(f"no Fault connection within {self.limits.fault_connection_wait_s:g} s: is the "
                                 "source migrating with memory_mode=postcopy?", where="State") from None
-        if self.acceptor is not None:  # the others came with it
-            self.acceptor.settle(self.limits.role_timeout_s)
+        if self.acceptor is not None:  # the others came with it (the source opens them all before State)
+            self.acceptor.settle(self.limits.workers_finish_s)
         return [first]
 
     def _queued_fault_connections(self) -> list[Channel]:

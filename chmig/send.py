@@ -29,7 +29,15 @@ from dataclasses import dataclass
 
 from . import protocol as p
 from .channel import Channel, Observers
-from .errors import ChmigError, ConvergenceError, MigrationError, PostcopyError, TransportError, UsageError
+from .errors import (
+    ChmigError,
+    ConvergenceError,
+    MigrationError,
+    PeerError,
+    PostcopyError,
+    TransportError,
+    UsageError,
+)
 from .memory import GuestMemory
 from .postcopy import PostcopyStats, PresentPages
 from .stats import Iteration, MigrationStats
@@ -213,6 +221,10 @@ class MemorySender:
 # ---------------------------------------------------------------------------------------------
 
 
+class PostcopyUnknown(PostcopyError):
+    """Postcopy ended without telling whether the destination has every page (see :meth:`FaultServer.wait`)."""
+
+
 class FaultServer:
     """The source's end of postcopy: ``fault_connections`` Fault connections, one thread each.
 
@@ -297,14 +309,16 @@ class FaultServer:
         with self._ended:
             self._ended.wait_for(lambda: self._running == 0)
         self.threads.join(timeout=10)
-        if self.served.whole:
-            # The destination has every page: a connection that broke afterwards lost nothing.
-            for error in self.errors:
-                log.warning("postcopy: after every page was served: %s", error)
-            return
+        if self.served.whole and self.errors:
+            # Every page went out, but a connection ended in an error, not a clean close: the destination may
+            # have failed on the last pages (it resets its connections when it gives up).  Not knowing, keep
+            # this copy: it must not run here (the destination may), nor be thrown away.
+            raise PostcopyUnknown(f"every page was served, but {self.errors[0]}: the destination probably has "
+                                  "the whole VM and runs it; this VM stays here, paused — check the destination "
+                                  "before you resume or drop it", where="postcopy")
         if self.errors:
             raise PostcopyError(f"a Fault connection failed ({self.errors[0]})", where="postcopy")
-        if not self.served.whole:
+        if not self.served.whole:  # (every connection closed cleanly)
             raise PostcopyError(f"the destination closed every Fault connection with {self.served.missing} of "
                                 f"{self.served.total} pages never asked for: it cannot have the whole VM (did it "
                                 "fail?)", where="postcopy")
@@ -399,13 +413,18 @@ class Sender:
         if self.fault_server is not None:
             self.fault_server.stop()
 
+    @property
+    def serving_postcopy(self) -> bool:
+        """The destination has the VM (or may) and pulls its pages from here: they exist nowhere else."""
+        return self.fault_server is not None and self.complete_sent
+
     def abort_postcopy(self) -> None:
         """The VMM is exiting while the destination still pulls pages from here: stop serving them.
 
         The destination's VM then fails (it reports so); this one stays paused until the process ends.
         """
         server = self.fault_server
-        if server is not None and self.handed_over:
+        if server is not None and self.complete_sent:
             log.error("postcopy: the VMM is exiting while the destination still needs pages from here; its VM "
                       "will fail")
             server.stop()
@@ -455,7 +474,26 @@ class Sender:
             if self.cancelled:
                 raise MigrationError("the migration was cancelled", where="Complete")
             self.complete_sent = True  # from here on the destination may be running the VM
-        self.channel.request_ok(complete)
+        try:
+            self.channel.request_ok(complete)
+        except PeerError as exc:
+            if self.fault_server is None:
+                raise
+            # Postcopy: the destination answered Error to Complete (its pager failed already, the pull starts
+            # at State): it does not run the VM, so this one may run again.
+            with self._cancel_lock:
+                self.complete_sent = False
+            raise PostcopyError(f"the destination refused Complete ({exc.message}): the VM stays here",
+                                where="Complete") from exc
+        except ChmigError as exc:
+            if self.fault_server is None:
+                raise
+            # The destination may be running the VM and pulling its pages: serve them anyway, and let the Fault
+            # connections tell (every page asked for and a clean close: it has the VM).
+            log.warning("postcopy: Complete was sent but not acknowledged (%s); serving pages anyway", exc)
+            self._serve_postcopy(self.fault_server)
+            self.handed_over = True
+            return
         self.machine.acknowledged(complete.command)
         self.handed_over = True
         self.stats.complete_ms = _ms_since(complete_begin)
@@ -470,6 +508,9 @@ class Sender:
         self.channel.close()  # the main connection has nothing more to say
         try:
             server.wait()
+        except PostcopyUnknown:
+            self.stats.postcopy.status = "unknown"
+            raise
         except PostcopyError as exc:
             self.stats.postcopy.status = "failed"
             raise PostcopyError(f"failed after the hand-over: {exc.message}; the destination's VM "
@@ -646,6 +687,8 @@ def send_migration(sender: Sender) -> MigrationStats:
             status = "unknown"
             message = (f"Complete was sent but not acknowledged ({exc}); the VM may be running on the "
                        "destination, so it stays paused here until an operator resumes it")
+        elif isinstance(exc, PostcopyUnknown):
+            status, message = "unknown", str(exc)
         else:
             status = "cancelled" if isinstance(exc, ConvergenceError) or sender.cancelled else "failed"
             message = str(exc)

@@ -754,6 +754,23 @@ class Connection:
             if e.errno not in (errno.ENOTCONN, errno.EBADF):
                 raise TransportError(f"cannot shut down: {e}", where=self._peer) from e
 
+    def reset(self) -> None:
+        """Abort the connection: wake a thread blocked reading it and make the coming close a reset (RST).
+
+        A clean close (FIN) says "done"; a peer that must tell "done" from
+        "gave up" (a postcopy source: see :mod:`chmig.postcopy`) sees a reset
+        instead.  ``SHUT_RD`` sends nothing (``shutdown`` would send a FIN).
+        """
+        try:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        except OSError:
+            pass  # a UNIX socket, or already closed: its close is all there is
+        try:
+            self.socket.shutdown(socket.SHUT_RD)
+        except OSError as e:
+            if e.errno not in (errno.ENOTCONN, errno.EBADF):
+                raise TransportError(f"cannot shut down: {e}", where=self._peer) from e
+
     def close(self) -> None:
         """Close the socket; safe to call more than once."""
         if self._closed:

@@ -290,6 +290,7 @@ class Vm:
         self._threads: list[threading.Thread] = []
         self._pace_next = [0.0] * config.cpus
         self.on_stop: Callable[[Vm], None] | None = None
+        self._halted = False
 
     # -- construction ------------------------------------------------------------------------
 
@@ -429,7 +430,7 @@ class Vm:
             with self._cond:
                 self._parked.add(vcpu.index)
                 self._cond.notify_all()
-            if self.on_stop is not None and self.failure is not None:
+            if self.on_stop is not None and self.failure is not None and not self._halted:
                 self.on_stop(self)
 
     def _handle_exit(self, vcpu: Vcpu, reason: int) -> None:
@@ -490,14 +491,21 @@ class Vm:
             with self._cond:
                 self._cond.wait_for(lambda: not self._want_running or self._stopping, timeout=delay)
 
-    def halt(self, reason: str) -> None:
-        """Stop the vCPUs for good because the VM cannot go on (postcopy lost its source); do not wait.
+    def halt(self, reason: str, wait_s: float = 2.0) -> None:
+        """Stop the vCPUs for good because the VM cannot go on (postcopy lost its source).
 
-        The vCPUs are told to stop and kicked; :meth:`shutdown` joins them.  A
-        vCPU waiting for a page is released when the userfaultfd closes.
+        The vCPUs are told to stop and kicked, and given ``wait_s`` to leave
+        (a kick interrupts a vCPU waiting for a page on Linux ≥ 6.x); one still
+        waiting for a page is released when the userfaultfd closes, and
+        :meth:`shutdown` joins them all.
         """
+        self._halted = True  # a decision of the VMM, not a vCPU failure: on_stop is not called
         self.failure = reason
         self._tell_vcpus_to_stop()
+        deadline = time.monotonic() + wait_s
+        for thread in self._threads:
+            if thread is not threading.current_thread():
+                thread.join(max(0.0, deadline - time.monotonic()))
 
     def _tell_vcpus_to_stop(self) -> None:
         """Every vCPU thread leaves KVM_RUN and returns (for good); nobody waits here."""

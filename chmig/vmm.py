@@ -52,6 +52,8 @@ class MigrationTask:
         self.done = threading.Event()
         self.result: Any = None
         self.error: BaseException | None = None
+        self._done_lock = threading.Lock()
+        self._on_done: list[Callable[[], None]] = []
 
     def start(self) -> None:
         try:
@@ -66,7 +68,19 @@ class MigrationTask:
         except BaseException as exc:  # handed to whoever waits (the API request, chmig receive)
             self.error = exc
         finally:
-            self.done.set()
+            with self._done_lock:
+                self.done.set()
+                callbacks, self._on_done = self._on_done, []
+            for callback in callbacks:
+                callback()
+
+    def on_done(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once the migration has ended (at once if it has)."""
+        with self._done_lock:
+            if not self.done.is_set():
+                self._on_done.append(callback)
+                return
+        callback()
 
     def wait(self) -> Any:
         """Block until the migration ended; return its result or raise its error."""
@@ -109,6 +123,8 @@ class Vmm:
         self.exit_error: ChmigError | None = None
         #: The outgoing migration in progress (its postcopy serving is stopped if the VMM exits).
         self.sender: Sender | None = None
+        #: Set by a second exit signal, or when the migration ends: the VMM may exit although postcopy serves.
+        self.force_exit = threading.Event()
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -182,6 +198,7 @@ class Vmm:
         with self.lock:
             self._require_idle("shut down")
             self.require_vm()
+            self._stop_postcopy()  # its threads write into the RAM that is about to go
             self._drop_vm()
 
     def shutdown_vmm(self) -> None:
@@ -220,9 +237,9 @@ class Vmm:
     def _require_whole(self, what: str) -> None:
         """Refuse what would read all of guest RAM while postcopy has not brought all of it in."""
         pager = self.postcopy
-        if pager is not None and not pager.done.is_set():
-            raise VmError(f"cannot {what}: the VM is not whole yet (postcopy still needs "
-                          f"{pager.present.missing} pages from the source)")
+        if pager is not None and pager.stats.status != "whole":
+            raise VmError(f"cannot {what}: the VM is not whole (postcopy {pager.stats.status}, "
+                          f"{pager.present.missing} pages only on the source)")
 
     def send_migration(self, body: dict) -> dict:
         """Run an outgoing migration; answer its statistics (Cloud Hypervisor answers 204, no body)."""
@@ -304,6 +321,7 @@ class Vmm:
         _reporting_stuck(pager.close, "postcopy")
         if vm is not None:
             _reporting_stuck(vm.shutdown, "postcopy")
+            log.error("the VM stopped: %s", vm.failure)
         if self.migration is not None and self.migration.postcopy is pager.stats:
             self.migration.status = "failed"
             self.migration.error = f"postcopy failed: {error}"
@@ -321,12 +339,29 @@ class Vmm:
         if pager is not None:
             _reporting_stuck(pager.close, "shutting down")
 
+    def _let_postcopy_finish(self, task: MigrationTask, sender: Sender) -> None:
+        """The VMM is asked to exit while the destination still pulls pages from here: they exist nowhere else.
+
+        Wait until it has them all (the task ends), unless asked a second time
+        (a second SIGTERM or SIGINT): then stop serving, and the destination's VM fails.
+        """
+        log.warning("exiting: waiting for the destination to pull the rest of the VM's memory from here (postcopy); "
+                    "ask again (a second SIGTERM) to stop serving — the destination's VM would then fail")
+        task.on_done(self.force_exit.set)
+        self.force_exit.wait()
+        if not task.done.is_set():
+            sender.abort_postcopy()
+
     def cancel_migration(self) -> None:
         """Stop the migration in progress (an operator's request); its caller gets the error."""
         with self.lock:
             task = self.task
+            sender = self.sender
         if task is None:
             raise VmError("no migration is in progress")
+        if sender is not None and sender.complete_sent:
+            raise VmError("cannot cancel: Complete was sent, the destination runs the VM"
+                          + (" and still pulls its pages from here" if sender.fault_server is not None else ""))
         log.warning("cancelling the %s in progress", task.kind)
         task.cancel()
 
@@ -342,8 +377,8 @@ class Vmm:
         """Cancel the migration in progress (joining its thread), stop postcopy, then drop the VM."""
         task = self.task
         sender = self.sender
-        if task is not None and sender is not None:
-            sender.abort_postcopy()
+        if task is not None and sender is not None and sender.serving_postcopy:
+            self._let_postcopy_finish(task, sender)
         self._stop_postcopy()
         if task is not None:
             try:
@@ -366,6 +401,10 @@ def install_exit_signals(vmm: Vmm) -> None:
     """SIGTERM and SIGINT end the process cleanly (the main thread is waiting on the exit event)."""
 
     def handler(signum: int, frame: Any) -> None:
+        if vmm.exit_event.is_set():
+            log.warning("signal %d again: exiting now", signum)
+            vmm.force_exit.set()
+            return
         log.info("signal %d: shutting down", signum)
         vmm.exit_event.set()
 
