@@ -398,6 +398,20 @@ def load_or_record(directory: Path | None, workdir: Path, report: Report | None 
 # ---------------------------------------------------------------------------------------------
 
 
+class Resources:
+    """This process's open fds and threads when made; :meth:`compare` says whether a run of in-process cases
+    left any behind."""
+
+    def __init__(self) -> None:
+        self.fds = len(os.listdir("/proc/self/fd"))
+        self.threads = threading.active_count()
+
+    def compare(self) -> tuple[bool, str]:
+        """(nothing left behind, ``fds A -> B, threads C -> D``)."""
+        fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
+        return fds == self.fds and threads == self.threads, f"fds {self.fds} -> {fds}, threads {self.threads} -> {threads}"
+
+
 def open_fds(pid: int | str = "self") -> dict[int, str]:
     """fd → what it points to (``readlink``), for the leak report."""
     fds: dict[int, str] = {}

@@ -38,6 +38,8 @@ from chmig.errors import ProtocolError, TransportError
 from chmig.memory import GuestMemory, ZoneConfig
 from chmig.transport import Connection
 
+from .common import Resources
+
 Report = Callable[[str], None]
 
 PAGE = p.PAGE_SIZE
@@ -179,8 +181,7 @@ def run(cases: int, seed: int, report: Report, only: list[int] | None = None) ->
     memory = GuestMemory.create(ZONES)
     try:
         _stamp(memory)
-        fds_before = len(os.listdir("/proc/self/fd"))
-        threads_before = threading.active_count()
+        resources = Resources()
         begin = time.monotonic()
         kinds: dict[str, list[int]] = {}
         failures = 0
@@ -192,13 +193,12 @@ def run(cases: int, seed: int, report: Report, only: list[int] | None = None) ->
                 counts[1] += 1
                 failures += 1
                 report(f"pagefault: FAILED case {index} (seed {seed}, --only {index}): {outcome.detail}")
-        fds_after = len(os.listdir("/proc/self/fd"))
-        threads_after = threading.active_count()
-        if fds_after != fds_before or threads_after != threads_before:
+        clean, counts = resources.compare()
+        if not clean:
             failures += 1
-            report(f"pagefault: FAILED: fds {fds_before} -> {fds_after}, threads {threads_before} -> {threads_after}")
+            report(f"pagefault: FAILED: {counts}")
         report(f"pagefault: {sum(c[0] for c in kinds.values())} cases in {time.monotonic() - begin:.1f} s, "
-               f"{failures} failures; fds {fds_before} -> {fds_after}, threads {threads_before} -> {threads_after}")
+               f"{failures} failures; {counts}")
         for kind, (count, failed) in sorted(kinds.items()):
             report(f"  {kind:<22} {count:>6} cases  {failed:>4} failed")
         return failures

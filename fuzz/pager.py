@@ -71,6 +71,8 @@ from chmig.memory import GuestMemory, ZoneConfig
 from chmig.postcopy import OFF, PAGE as PAGE_STRATEGY, PostcopyPager, Prefetch
 from chmig.transport import Connection
 
+from .common import Resources
+
 Report = Callable[[str], None]
 
 PAGE = p.PAGE_SIZE
@@ -436,7 +438,8 @@ def run_case(seed: int, index: int, bug_log: _BugLog) -> Outcome:
     end = "did not end"
     source: _Source | None = None
     try:
-        pager = PostcopyPager(memory, channels, prefetch, limits=limits)
+        # The fuzzer holds the memfds, as an offload daemon would: it may write pages into them and answer Ok 0.
+        pager = PostcopyPager(memory, channels, prefetch, limits=limits, shared_with_source=True)
         source = _Source(plan, memory, theirs, rng, prefetch.range_bytes)
         try:
             pager.register()
@@ -616,8 +619,7 @@ def play(seed: int, indexes: Iterable[int], verbose: bool = False) -> Iterator[O
 def run(cases: int, seed: int, report: Report, only: list[int] | None = None, verbose: bool = False) -> int:
     """Run ``cases`` cases (or just ``only``); print a summary; return the number of failures."""
     pattern(0, 0)
-    fds_before = len(os.listdir("/proc/self/fd"))
-    threads_before = threading.active_count()
+    resources = Resources()
     begin = time.monotonic()
     kinds: dict[str, list[int]] = {}
     failures = 0
@@ -631,13 +633,12 @@ def run(cases: int, seed: int, report: Report, only: list[int] | None = None, ve
             counts[1] += 1
             failures += 1
             report(f"pager: FAILED case {outcome.index} (seed {seed}, --only {outcome.index}): {outcome.detail}")
-    fds_after = len(os.listdir("/proc/self/fd"))
-    threads_after = threading.active_count()
-    if fds_after != fds_before or threads_after != threads_before:
+    clean, counts = resources.compare()
+    if not clean:
         failures += 1
-        report(f"pager: FAILED: fds {fds_before} -> {fds_after}, threads {threads_before} -> {threads_after}")
+        report(f"pager: FAILED: {counts}")
     report(f"pager: {sum(c[0] for c in kinds.values())} cases in {time.monotonic() - begin:.1f} s, "
-           f"{failures} failures; fds {fds_before} -> {fds_after}, threads {threads_before} -> {threads_after}; "
+           f"{failures} failures; {counts}; "
            f"{duplicates} duplicated answers accepted as the next range's (undetectable: responses carry no address)")
     report(f"  {'kind':<22} {'cases':>6} {'failed':>7} {'whole':>6} {'pager failed':>13}")
     for kind, (count, failed, whole, pager_failed) in sorted(kinds.items()):
