@@ -551,6 +551,17 @@ def encode_memory_fd_slot(slot: int) -> bytes:
     return _SLOT.pack(slot)
 
 
+def check_memory_before_state(memory_mode: str, memory_bytes: int, memory_fds: bool) -> None:
+    """Protocol step *State*, precopy: guest memory came first (Memory bytes, or MemoryFds in a local migration).
+
+    A VM that ran has pages; restoring its State into empty RAM would run a wreck.  (A postcopy source sends
+    none: its pages come over the Fault connections after State.)
+    """
+    if memory_mode == "precopy" and not memory_fds and memory_bytes == 0:
+        raise ProtocolError("State came before any memory: a precopy source sends the guest's pages first "
+                            "(if the source migrates by postcopy, receive with memory_mode=postcopy)", where="State")
+
+
 def check_memory_fd(slot: int, received: Collection[int], limits: Limits = DEFAULT_LIMITS) -> None:
     """Protocol step *MemoryFd*: one per slot, at most ``max_slots`` of them."""
     if slot in received:

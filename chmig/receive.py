@@ -170,7 +170,7 @@ class Acceptor:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     return
-                self._progress.wait(min(remaining, 0.1))
+                self._progress.wait(remaining)  # every accept and every role read notifies
 
     def _announced(self) -> None:
         """One accepted connection has said its role, or was dropped."""
@@ -532,11 +532,7 @@ class Receiver:
         self.destination.restore(incoming.payload)
 
     def _check_memory_arrived(self) -> None:
-        """Precopy: a VM that ran has pages; restoring its State into empty RAM would run a wreck."""
-        if self.destination.mode == "precopy" and self.stats.total_bytes == 0:
-            raise ProtocolError("State came before any memory: a precopy source sends the guest's pages first "
-                                "(if the source migrates by postcopy, receive with memory_mode=postcopy)",
-                                where="State")
+        p.check_memory_before_state(self.memory_mode, self.stats.total_bytes, self.destination.mode == "local")
 
     def _take_fault_connections(self) -> list[Channel]:
         """Postcopy: the first Fault connection (at most ``fault_connection_wait_s``), then those queued with it."""

@@ -406,10 +406,15 @@ class Resources:
         self.fds = len(os.listdir("/proc/self/fd"))
         self.threads = threading.active_count()
 
-    def compare(self) -> tuple[bool, str]:
-        """(nothing left behind, ``fds A -> B, threads C -> D``)."""
+    def compare(self, name: str, report: Callable[[str], None]) -> tuple[int, str]:
+        """(1 if something was left behind — reported as a failure of fuzzer ``name`` — else 0,
+        ``fds A -> B, threads C -> D``)."""
         fds, threads = len(os.listdir("/proc/self/fd")), threading.active_count()
-        return fds == self.fds and threads == self.threads, f"fds {self.fds} -> {fds}, threads {self.threads} -> {threads}"
+        counts = f"fds {self.fds} -> {fds}, threads {self.threads} -> {threads}"
+        if fds == self.fds and threads == self.threads:
+            return 0, counts
+        report(f"{name}: FAILED: {counts}")
+        return 1, counts
 
 
 def open_fds(pid: int | str = "self") -> dict[int, str]:

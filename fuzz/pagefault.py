@@ -193,10 +193,8 @@ def run(cases: int, seed: int, report: Report, only: list[int] | None = None) ->
                 counts[1] += 1
                 failures += 1
                 report(f"pagefault: FAILED case {index} (seed {seed}, --only {index}): {outcome.detail}")
-        clean, counts = resources.compare()
-        if not clean:
-            failures += 1
-            report(f"pagefault: FAILED: {counts}")
+        leaked, counts = resources.compare("pagefault", report)
+        failures += leaked
         report(f"pagefault: {sum(c[0] for c in kinds.values())} cases in {time.monotonic() - begin:.1f} s, "
                f"{failures} failures; {counts}")
         for kind, (count, failed) in sorted(kinds.items()):

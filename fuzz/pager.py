@@ -633,10 +633,8 @@ def run(cases: int, seed: int, report: Report, only: list[int] | None = None, ve
             counts[1] += 1
             failures += 1
             report(f"pager: FAILED case {outcome.index} (seed {seed}, --only {outcome.index}): {outcome.detail}")
-    clean, counts = resources.compare()
-    if not clean:
-        failures += 1
-        report(f"pager: FAILED: {counts}")
+    leaked, counts = resources.compare("pager", report)
+    failures += leaked
     report(f"pager: {sum(c[0] for c in kinds.values())} cases in {time.monotonic() - begin:.1f} s, "
            f"{failures} failures; {counts}; "
            f"{duplicates} duplicated answers accepted as the next range's (undetectable: responses carry no address)")
