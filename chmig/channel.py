@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Protocol
 
 from . import protocol as p
-from .errors import PeerError, PeerSilent, ProtocolError, TransportError, VmError
+from .errors import ChmigError, PeerError, PeerSilent, ProtocolError, TransportError, VmError
 from .transport import Connection, ConnectionClosed
 
 log = logging.getLogger(__name__)
@@ -447,6 +447,47 @@ class Channel:
         Error and ends the connection.  Returns the number of pages served
         (``on_served`` hears of each range answered, as it goes).
         """
+
+        def answer_inline(page: p.MemoryRange) -> None:
+            try:
+                pieces = list(memory.split(page))
+            except VmError as exc:
+                self.answer_error(str(exc))
+                raise ProtocolError(f"page {page.gpa:#x}+{page.length:#x} refused: {exc}",
+                                    where="PageFault") from None
+            self.answer(p.Response.ok(page.length), f"{page.length} bytes follow")
+            for gpa, length in pieces:
+                with memory.view(gpa, length) as view:
+                    self.conn.write_all(view)
+            if on_served is not None:
+                on_served(page)
+
+        return self._serve_page_faults(answer_inline)
+
+    def serve_page_faults_in_place(self, place: Callable[[p.MemoryRange], None]) -> int:
+        """The source's end of a Fault connection on *shared* memory: ``place`` writes each page into the
+        memfd the destination maps, then Ok with length 0 tells it to map the page (``UFFDIO_CONTINUE``).
+
+        ``place`` raises ProtocolError for a range it refuses and any other
+        ChmigError when it cannot serve (a corrupt snapshot): either is
+        answered Error and ends the connection.  Returns the pages served.
+        """
+
+        def answer_in_place(page: p.MemoryRange) -> None:
+            try:
+                place(page)
+            except ChmigError as exc:
+                self.answer_error(exc.message)
+                if isinstance(exc, ProtocolError):
+                    raise ProtocolError(f"page {page.gpa:#x}+{page.length:#x} refused: {exc.message}",
+                                        where="PageFault") from None
+                raise
+            self.answer(p.Response.ok(), "written into shared memory")
+
+        return self._serve_page_faults(answer_in_place)
+
+    def _serve_page_faults(self, answer_page: Callable[[p.MemoryRange], None]) -> int:
+        """Read PageFaults (each checked before anything is served) and answer each with ``answer_page``."""
         served = 0
         while True:
             try:
@@ -461,18 +502,12 @@ class Channel:
             assert page is not None
             try:
                 p.check_page_fault_range(page, self.limits)
-                pieces = list(memory.split(page))
-            except (ProtocolError, VmError) as exc:
-                self.answer_error(str(exc))
-                raise ProtocolError(f"page {page.gpa:#x}+{page.length:#x} refused: {exc}",
+            except ProtocolError as exc:
+                self.answer_error(exc.message)
+                raise ProtocolError(f"page {page.gpa:#x}+{page.length:#x} refused: {exc.message}",
                                     where="PageFault") from None
-            self.answer(p.Response.ok(page.length), f"{page.length} bytes follow")
-            for gpa, length in pieces:
-                with memory.view(gpa, length) as view:
-                    self.conn.write_all(view)
+            answer_page(page)
             served += page.length // p.PAGE_SIZE
-            if on_served is not None:
-                on_served(page)
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

@@ -76,14 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
                          help="postcopy: pull the pages no fault asked for in ranges of SIZE (256K..2M, default "
                               "1M); page = one page per idle loop (Cloud Hypervisor's way); off = no pull")
 
-    offload = sub.add_parser("offload", help="snapshot/restore daemon (Cloud Hypervisor's offload_daemon)")
-    offload.set_defaults(handler=_not_implemented("offload"))
-    offload.add_argument("mode", choices=["snapshot", "restore"])
-    offload.add_argument("--socket")
-    offload.add_argument("--output-dir")
-    offload.add_argument("--input-dir")
-    offload.add_argument("--resume", action="store_true")
-    offload.add_argument("--ondemand", action="store_true")
+    offload = sub.add_parser("offload", help="snapshot/restore daemon (a drop-in for Cloud Hypervisor's "
+                                             "offload_daemon)")
+    offload.set_defaults(handler=_lazy("offload", "main_offload"))
+    from .offload import add_arguments as add_offload_arguments
+
+    add_offload_arguments(offload)
 
     walkthrough = sub.add_parser("walkthrough", help="teach the protocol by running it, step by step")
     walkthrough.set_defaults(handler=_not_implemented("walkthrough"))

@@ -830,6 +830,97 @@ def check_response(command: Command, response: Response, requested: int = 0) -> 
 
 
 # --------------------------------------------------------------------------
+# The offload daemon (Cloud Hypervisor's ``offload_daemon``)
+# --------------------------------------------------------------------------
+#
+# The daemon is a local-migration peer: on snapshot it is the receiver (the
+# table above, with the refusals below), on restore the sender (the source's
+# side of the same table).  Of the Config it reads only the slots.
+
+
+class SlotMapping(NamedTuple):
+    """One ``memory_manager_data.guest_ram_mappings`` entry, as far as the offload daemon needs it."""
+
+    slot: int
+    gpa: int
+    size: int
+    #: Where the slot's bytes start in its memory fd.
+    file_offset: int
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+#: Commands the snapshot daemon refuses although the receiver table allows them, and why.
+OFFLOAD_SNAPSHOT_REFUSED: dict[Command, str] = {
+    _C.MEMORY: "the offload daemon takes guest memory only as MemoryFds (send-migration ...,local=on)",
+}
+
+_U64_MAX = (1 << 64) - 1
+
+
+def check_offload_snapshot_request(request: Request) -> None:
+    """May the snapshot daemon take ``request``?  (After the state machine allowed it, before its payload.)"""
+    reason = OFFLOAD_SNAPSHOT_REFUSED.get(request.command)
+    if reason is not None:
+        raise ProtocolError(reason, where=request.command.wire_name)
+
+
+def parse_slot_mappings(config: object, limits: Limits = DEFAULT_LIMITS) -> list[SlotMapping]:
+    """The slots of a Config document: ``memory_manager_data.guest_ram_mappings`` (slot, gpa, size, file_offset).
+
+    Only those four fields are read, so a Cloud Hypervisor VM's Config works
+    as well as chmig's.  Every value is checked: unsigned integers in range,
+    page-aligned, non-empty, slots unique, guest ranges not overlapping, at most
+    ``max_slots`` of them.
+    """
+    where = "Config"
+    try:
+        entries = config["memory_manager_data"]["guest_ram_mappings"]  # type: ignore[index]
+    except (KeyError, TypeError):
+        raise ProtocolError("Config has no memory_manager_data.guest_ram_mappings", where=where) from None
+    if not isinstance(entries, list) or not entries:
+        raise ProtocolError("guest_ram_mappings must be a non-empty list", where=where)
+    if len(entries) > limits.max_slots:
+        raise ProtocolError(f"more than {limits.max_slots} guest RAM slots", where=where)
+    mappings = []
+    for entry in entries:
+        values = []
+        for name, high in (("slot", 0xFFFF_FFFF), ("gpa", _U64_MAX), ("size", _U64_MAX), ("file_offset", _U64_MAX)):
+            value = entry.get(name) if isinstance(entry, dict) else None
+            if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= high:
+                raise ProtocolError(f"guest_ram_mappings entry needs {name} as an integer in 0..{high}", where=where)
+            values.append(value)
+        mapping = SlotMapping(*values)
+        if not mapping.size or (mapping.gpa | mapping.size | mapping.file_offset) % PAGE_SIZE:
+            raise ProtocolError(f"slot {mapping.slot}: gpa, size and file_offset must be page-aligned, size > 0",
+                                where=where)
+        if mapping.end > _U64_MAX or mapping.file_offset + mapping.size > _U64_MAX:
+            raise ProtocolError(f"slot {mapping.slot} goes beyond 2^64", where=where)
+        mappings.append(mapping)
+    if len({m.slot for m in mappings}) != len(mappings):
+        raise ProtocolError("two guest_ram_mappings entries have the same slot", where=where)
+    ordered = sorted(mappings, key=lambda m: m.gpa)
+    for before, after in zip(ordered, ordered[1:]):
+        if after.gpa < before.end:
+            raise ProtocolError(f"slots {before.slot} and {after.slot} overlap", where=where)
+    return mappings
+
+
+def check_slots_covered(mappings: Iterable[SlotMapping], memory_fd_slots: Collection[int]) -> None:
+    """Snapshot completion: exactly one MemoryFd came for every slot of the Config."""
+    expected = {m.slot for m in mappings}
+    missing = sorted(expected - set(memory_fd_slots))
+    if missing:
+        raise ProtocolError(f"no MemoryFd for slot {missing[0]} (local migration sends one per slot)",
+                            where="Complete")
+    extra = sorted(set(memory_fd_slots) - expected)
+    if extra:
+        raise ProtocolError(f"a MemoryFd for slot {extra[0]}, which the Config does not have", where="Complete")
+
+
+# --------------------------------------------------------------------------
 # The tables, drawn (docs.py puts these into docs/protocol.md)
 # --------------------------------------------------------------------------
 
