@@ -29,6 +29,7 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "connection-rules": ("CONNECTION_RULES", p.connection_rules_table),
     "limits": ("Limits", p.limits_table),
     "receiver-idle-timeouts": ("RECEIVER_IDLE_TIMEOUTS", p.idle_timeouts_table),
+    "offload-refusals": ("OFFLOAD_SNAPSHOT_REFUSED", p.offload_refusals_table),
 }
 
 

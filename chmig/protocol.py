@@ -952,6 +952,14 @@ def connection_rules_table() -> str:
     return "\n".join(rows)
 
 
+def offload_refusals_table() -> str:
+    """:data:`OFFLOAD_SNAPSHOT_REFUSED` as a Markdown table."""
+    rows = ["| command | the snapshot daemon answers Error, because |", "|---|---|"]
+    for command, reason in OFFLOAD_SNAPSHOT_REFUSED.items():
+        rows.append(f"| {command.wire_name} | {reason} |")
+    return "\n".join(rows)
+
+
 def limits_table(limits: Limits = DEFAULT_LIMITS) -> str:
     """Every field of :class:`Limits` with its default, as a Markdown table."""
     import dataclasses
