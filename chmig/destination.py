@@ -71,17 +71,18 @@ class Destination:
             validate_layout(config.zones, mappings, self.limits.max_slots)
         except VmError as exc:
             raise ProtocolError(exc.message, where="Config") from None
-        fds_by_zone = self._zone_fds(config, mappings)
+        fds_by_zone, fds_by_slot = self._memory_fds_by_zone(config, mappings)
+        handed_over = [*fds_by_zone.values(), *fds_by_slot.values()]
         try:
-            if not fds_by_zone:
+            if not handed_over:
                 self._check_fits_host(sum(z.size for z in config.zones))
             serial = Serial(self.serial_spec)
         except BaseException:
-            for fd in fds_by_zone.values():
+            for fd in handed_over:
                 os.close(fd)
             raise
         try:
-            memory = GuestMemory.adopt(config.zones, mappings, fds_by_zone)
+            memory = GuestMemory.adopt(config.zones, mappings, fds_by_zone, slot_fds=fds_by_slot)
         except BaseException as exc:
             serial.close()
             if isinstance(exc, VmError):
@@ -93,7 +94,7 @@ class Destination:
             self.vm = Vm(config, memory, serial, cpuid=cpuid)
         except KvmError as exc:
             raise MigrationError(f"cannot build the VM: {exc}", where="Config") from None
-        self.mode = "local" if fds_by_zone else "precopy"
+        self.mode = "local" if handed_over else "precopy"
         return self.vm
 
     @staticmethod
@@ -116,34 +117,53 @@ class Destination:
         except JsonRefused as exc:
             raise ProtocolError(f"malformed {exc}", where="Config") from None
 
-    def _zone_fds(self, config: VmConfig, mappings: list[GuestRamMapping]) -> dict[str, int]:
-        """Match MemoryFds (by slot) to zones: every slot of a shared zone needs one, and one file."""
+    def _memory_fds_by_zone(self, config: VmConfig,
+                            mappings: list[GuestRamMapping]) -> tuple[dict[str, int], dict[int, int]]:
+        """Match MemoryFds (by slot) to zones: one fd per zone whose slots all came as one file (the duplicates
+        are closed), else one fd per slot (Cloud Hypervisor's offload daemon sends one memfd per slot).
+
+        Every slot of a shared zone needs its MemoryFd.
+        Returns ``(fds by zone id, fds by slot)``, owned by the caller from then on.
+        """
         if not self.memory_fds:
-            return {}
-        by_zone: dict[str, int] = {}
+            return {}, {}
         slots = {m.slot: m for m in mappings}
+        by_zone: dict[str, int] = {}
+        by_slot: dict[int, int] = {}
         try:
-            for slot, fd in list(self.memory_fds.items()):
+            given: dict[str, dict[int, int]] = {}
+            for slot, fd in self.memory_fds.items():
                 if slot not in slots:
                     raise ProtocolError(f"MemoryFd for slot {slot}, which the Config does not have", where="Config")
-                zone = slots[slot].zone_id
-                if zone in by_zone:
-                    if os.fstat(by_zone[zone]).st_ino != os.fstat(fd).st_ino:
-                        raise ProtocolError(f"slots of zone {zone!r} arrived as different files", where="Config")
-                    os.close(self.memory_fds.pop(slot))
-                else:
-                    by_zone[zone] = fd
+                given.setdefault(slots[slot].zone_id, {})[slot] = fd
             for zone in config.zones:
-                if zone.id not in by_zone:
+                fds = given.get(zone.id)
+                if not fds:
                     raise ProtocolError(f"local migration without a MemoryFd for zone {zone.id!r}", where="Config")
                 if not zone.shared:
                     raise ProtocolError(f"zone {zone.id!r} is private, but arrived as a MemoryFd", where="Config")
+                # Every slot needs its own MemoryFd (the sender sends one per slot): a slot without one would
+                # read zeros from somebody else's file.
+                missing = [m.slot for m in sorted(mappings, key=lambda m: m.slot)
+                           if m.zone_id == zone.id and m.slot not in fds]
+                if missing:
+                    raise ProtocolError(f"no MemoryFd for slot {missing[0]} of zone {zone.id!r} (a local migration "
+                                        "sends one per slot)", where="Config")
+                files = {(stat.st_dev, stat.st_ino) for stat in map(os.fstat, fds.values())}
+                if len(files) == 1:
+                    # One file sent once per slot: the zone maps it once, as it would its own memfd.
+                    first, *duplicates = sorted(fds)
+                    for slot in duplicates:
+                        os.close(self.memory_fds.pop(slot))
+                    by_zone[zone.id] = fds[first]
+                    continue
+                by_slot.update(fds)
         except BaseException:
             self._close_memory_fds()
             raise
-        # From here on the zones own the fds.
+        # From here on the caller owns the fds.
         self.memory_fds = {}
-        return by_zone
+        return by_zone, by_slot
 
     def fill_from_file(self, gpa: int, length: int, fd: int, offset: int) -> None:
         """Memory from a file instead of a connection (a restore): ``length`` bytes at ``offset`` into RAM.

@@ -9,7 +9,10 @@ record the migration Config and the offload daemon rely on.
 
 Shared zones are memfds mapped ``MAP_SHARED``: local migration hands the fd to
 the destination, and the offload daemon reads it.  Private zones are anonymous
-``MAP_PRIVATE`` memory.
+``MAP_PRIVATE`` memory.  A zone is one mapping, its slots windows of it; only
+when a zone's slots arrive as separate files (the offload daemon restores a VM
+with one memfd per slot, the slot's bytes at its ``file_offset``) does each slot
+map its own (:class:`Backing`).
 
 Python never copies guest memory on the data path: callers take a
 ``memoryview`` of the mapping (:meth:`GuestMemory.view`) and hand it to
@@ -147,44 +150,150 @@ class PresentPageMap(Protocol):
     def is_present(self, gpa: int, length: int = PAGE_SIZE) -> bool: ...
 
 
-class Zone:
-    """One zone's backing: a memfd (shared) or anonymous memory, mapped whole."""
+class Backing:
+    """One host mapping of guest RAM: ``size`` bytes of a file from ``offset`` on (shared), or anonymous memory.
 
-    def __init__(self, config: ZoneConfig, fd: int | None = None) -> None:
-        """Map ``fd`` (owned from now on, closed even if this fails) or a new memfd / anonymous memory."""
-        self.config = config
-        self.fd = -1
+    ``fd`` is -1 for anonymous memory.  A slot lies in its backing at
+    ``file_offset - offset``: a zone's whole mapping starts at offset 0, a
+    slot's own mapping at that slot's ``file_offset``.
+    """
+
+    def __init__(self, fd: int, offset: int, size: int, mapping: mmap.mmap) -> None:
+        """Take an existing mapping (and ``fd``, owned from now on); use the constructors below."""
+        self.fd = fd
+        self.offset = offset
+        self.size = size
+        self.map = mapping
+        self.address = ctypes.addressof(ctypes.c_char.from_buffer(mapping))
+
+    @classmethod
+    def anonymous(cls, size: int) -> Backing:
+        """``size`` bytes of private anonymous memory."""
+        return cls(-1, 0, size, mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
+                                          prot=mmap.PROT_READ | mmap.PROT_WRITE))
+
+    @classmethod
+    def new_memfd(cls, name: str, size: int) -> Backing:
+        """A new sparse memfd of ``size`` bytes, mapped shared."""
+        # The name may be a peer's zone id: only a tame version of it goes into the memfd's name.
+        fd = os.memfd_create("chmig-" + re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:64], os.MFD_CLOEXEC)
         try:
-            if config.shared:
-                if fd is None:
-                    # The zone id may be a peer's: only a tame version of it goes into the memfd's name.
-                    name = re.sub(r"[^A-Za-z0-9_.-]", "_", config.id)[:64]
-                    fd = os.memfd_create(f"chmig-{name}", os.MFD_CLOEXEC)
-                    os.ftruncate(fd, config.size)
-                elif os.fstat(fd).st_size < config.size:
-                    raise VmError(
-                        f"memory fd for zone {config.id!r} has {os.fstat(fd).st_size} bytes, needs {config.size}",
-                        where="guest memory",
-                    )
-                self.map = mmap.mmap(fd, config.size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-                self.fd = fd
-            else:
-                self.map = mmap.mmap(-1, config.size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS,
-                                     prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            os.ftruncate(fd, size)
         except BaseException:
-            if fd is not None:
-                os.close(fd)
+            os.close(fd)
             raise
-        self.address = ctypes.addressof(ctypes.c_char.from_buffer(self.map))
+        return cls.of_file(fd, 0, size, f"zone {name!r}")
 
-    def close(self) -> None:
+    @classmethod
+    def of_file(cls, fd: int, offset: int, size: int, what: str) -> Backing:
+        """Map ``fd[offset:offset+size]`` shared; ``fd`` is owned from now on (closed even if this fails).
+
+        ``what`` names the memory in errors ("zone 'mem0'", "slot 1 of zone 'mem0'").
+        """
         try:
-            self.map.close()
-        except BufferError:
-            log.warning("zone %s still has exported views; leaving it mapped", self.config.id)
+            # mmap takes only page-aligned offsets; saying so beats the kernel's bare EINVAL.
+            if offset < 0 or offset % mmap.ALLOCATIONGRANULARITY:
+                raise VmError(f"memory fd for {what}: file offset {offset:#x} is not page aligned",
+                              where="guest memory")
+            have = os.fstat(fd).st_size
+            if have < offset + size:
+                needs = f"{offset + size} ({offset} + {size})" if offset else str(size)
+                raise VmError(f"memory fd for {what} has {have} bytes, needs {needs}", where="guest memory")
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE,
+                                offset=offset)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, offset, size, mapping)
+
+    def close(self, what: str) -> None:
+        """Unmap (unless views are still exported) and close the fd; idempotent."""
+        if not self.map.closed:
+            try:
+                self.map.close()
+            except BufferError:
+                log.warning("%s still has exported views; leaving it mapped", what)
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
+
+
+class Zone:
+    """One zone's memory: mapped whole (one memfd, or anonymous memory), or slot by slot, one file each.
+
+    The whole mapping is the normal case: every slot of the zone is a window
+    of it at the slot's ``file_offset``.  Cloud Hypervisor's offload daemon
+    restores a VM with one new memfd per slot (the slot's bytes at its
+    ``file_offset``), and Cloud Hypervisor maps each slot from its own fd:
+    then each slot has its own :class:`Backing` and ``whole`` is None.
+    """
+
+    def __init__(self, config: ZoneConfig, fd: int | None = None, slot_fds: dict[int, int] | None = None,
+                 mappings: Iterable[GuestRamMapping] = ()) -> None:
+        """Map ``fd`` whole, or each of ``mappings`` (this zone's slots) from its fd in ``slot_fds``, or else
+        a new memfd (shared) / anonymous memory (private).
+
+        Every fd given is owned from now on, and closed even if this fails.
+        """
+        self.config = config
+        #: The mapping of the whole zone; None when its slots have their own.
+        self.whole: Backing | None = None
+        #: Each slot's own mapping, by slot number (empty unless the slots came as separate files).
+        self.slots: dict[int, Backing] = {}
+        pending = dict(slot_fds or {})
+        try:
+            if pending:
+                if fd is not None:
+                    raise VmError(f"zone {config.id!r} has a memory fd both for the whole zone and for its slots",
+                                  where="guest memory")
+                if not config.shared:
+                    raise VmError(f"zone {config.id!r} is private, but has memory fds", where="guest memory")
+                for m in mappings:
+                    if m.slot not in pending:
+                        raise VmError(f"slot {m.slot} of zone {config.id!r} has no memory fd, but its other slots "
+                                      "came as separate files", where="guest memory")
+                    self.slots[m.slot] = Backing.of_file(pending.pop(m.slot), m.file_offset, m.size,
+                                                         f"slot {m.slot} of zone {config.id!r}")
+                if pending:
+                    raise VmError(f"memory fd for slot {min(pending)}, which is not a slot of zone {config.id!r}",
+                                  where="guest memory")
+            elif config.shared:
+                if fd is None:
+                    self.whole = Backing.new_memfd(config.id, config.size)
+                else:
+                    fd, given = None, fd  # of_file owns it from here, even if it fails
+                    self.whole = Backing.of_file(given, 0, config.size, f"zone {config.id!r}")
+            else:
+                if fd is not None:
+                    raise VmError(f"zone {config.id!r} is private, but has a memory fd", where="guest memory")
+                self.whole = Backing.anonymous(config.size)
+        except BaseException:
+            for left in [fd, *pending.values()]:
+                if left is not None:
+                    os.close(left)
+            self.close()
+            raise
+
+    def backing_of(self, mapping: GuestRamMapping) -> Backing:
+        """The mapping that holds slot ``mapping``: its own, or the zone's whole one."""
+        own = self.slots.get(mapping.slot)
+        if own is not None:
+            return own
+        if self.whole is None:
+            raise VmError(f"slot {mapping.slot} of zone {self.config.id!r} has no memory", where="guest memory")
+        return self.whole
+
+    @property
+    def fd(self) -> int:
+        """The fd of the whole zone: -1 for anonymous memory, and when each slot has its own (see :attr:`Region.fd`)."""
+        return self.whole.fd if self.whole is not None else -1
+
+    def close(self) -> None:
+        """Unmap the zone and close its fds (idempotent)."""
+        if self.whole is not None:
+            self.whole.close(f"zone {self.config.id}")
+        for slot, backing in self.slots.items():
+            backing.close(f"slot {slot} of zone {self.config.id}")
 
 
 @dataclass
@@ -193,6 +302,8 @@ class Region:
 
     mapping: GuestRamMapping
     zone: Zone
+    #: The host mapping that holds this slot: the zone's whole one, or the slot's own.
+    backing: Backing
 
     @property
     def gpa(self) -> int:
@@ -207,8 +318,18 @@ class Region:
         return self.mapping.gpa + self.mapping.size
 
     @property
+    def fd(self) -> int:
+        """The file backing this slot, holding its bytes at ``mapping.file_offset`` (-1 for anonymous memory)."""
+        return self.backing.fd
+
+    @property
+    def start(self) -> int:
+        """Where this slot begins inside its backing's mapping."""
+        return self.mapping.file_offset - self.backing.offset
+
+    @property
     def host_address(self) -> int:
-        return self.zone.address + self.mapping.file_offset
+        return self.backing.address + self.start
 
 
 class GuestMemory:
@@ -216,7 +337,8 @@ class GuestMemory:
 
     def __init__(self, zones: list[Zone], mappings: list[GuestRamMapping]) -> None:
         self.zones = {z.config.id: z for z in zones}
-        self.regions = sorted((Region(m, self.zones[m.zone_id]) for m in mappings), key=lambda r: r.gpa)
+        self.regions = sorted((Region(m, self.zones[m.zone_id], self.zones[m.zone_id].backing_of(m))
+                               for m in mappings), key=lambda r: r.gpa)
         # Slot start addresses, for an O(log n) lookup: a peer's table may hold a million ranges.
         self._starts = [r.gpa for r in self.regions]
         #: During postcopy, which pages are here (:class:`chmig.postcopy.PresentPages`); None when all are.
@@ -231,20 +353,39 @@ class GuestMemory:
         return cls.adopt(zone_configs, mappings, fds or {})
 
     @classmethod
-    def adopt(cls, zone_configs: list[ZoneConfig], mappings: list[GuestRamMapping], fds: dict[str, int]) -> GuestMemory:
-        """Build the zones; every fd in ``fds`` is owned from now on (closed if this fails)."""
+    def adopt(cls, zone_configs: list[ZoneConfig], mappings: list[GuestRamMapping],
+              fds: dict[str, int] | None = None, *, slot_fds: dict[int, int] | None = None) -> GuestMemory:
+        """Build the zones from ``fds`` (one file per zone, by zone id) and ``slot_fds`` (one file per slot,
+        by slot number; the slot's bytes at its ``file_offset``); zones in neither get new memory.
+
+        A zone takes either one fd or one per slot.  Every fd given is owned
+        from now on (closed if this fails, by :meth:`close` otherwise).
+        """
         zones: list[Zone] = []
-        pending = dict(fds)
+        pending_zones = dict(fds or {})
+        pending_slots = dict(slot_fds or {})
         try:
+            slots_of: dict[str, list[GuestRamMapping]] = {}
+            for m in mappings:
+                slots_of.setdefault(m.zone_id, []).append(m)
+            known = {config.id for config in zone_configs}
+            known_slots = {m.slot for m in mappings if m.zone_id in known}
+            # An fd nothing would take would stay open for ever: refuse it instead.
+            stray = [f"zone {z!r}" for z in pending_zones if z not in known]
+            stray += [f"slot {s}" for s in pending_slots if s not in known_slots]
+            if stray:
+                raise VmError(f"memory fd for {stray[0]}, which this VM does not have", where="guest memory")
             for config in zone_configs:
-                zones.append(Zone(config, pending.pop(config.id, None)))
+                mine = slots_of.get(config.id, [])
+                own = {m.slot: pending_slots.pop(m.slot) for m in mine if m.slot in pending_slots}
+                zones.append(Zone(config, pending_zones.pop(config.id, None), own, mine))
+            return cls(zones, mappings)
         except BaseException:
             for zone in zones:
                 zone.close()
-            for fd in pending.values():
+            for fd in [*pending_zones.values(), *pending_slots.values()]:
                 os.close(fd)
             raise
-        return cls(zones, mappings)
 
     @property
     def mappings(self) -> list[GuestRamMapping]:
@@ -273,8 +414,8 @@ class GuestMemory:
     def view(self, gpa: int, length: int) -> memoryview:
         """A writable view of guest memory (no copy); the caller must release it."""
         region = self.region_of(gpa, length)
-        start = region.mapping.file_offset + gpa - region.gpa
-        return memoryview(region.zone.map)[start : start + length]
+        start = region.start + gpa - region.gpa
+        return memoryview(region.backing.map)[start : start + length]
 
     def split(self, rng: MemoryRange) -> Iterator[tuple[int, int]]:
         """Cut a range at slot boundaries (a sender's range may span two adjacent slots)."""
@@ -314,8 +455,9 @@ class GuestMemory:
         """
         table = MemoryRangeTable()
         for region in self.regions:
-            if region.zone.fd >= 0:
-                spans = _data_spans(region.zone.fd, region.mapping.file_offset, region.size)
+            if region.fd >= 0:
+                # Every backing file holds the slot at its file_offset, whether the zone's or the slot's own.
+                spans = _data_spans(region.fd, region.mapping.file_offset, region.size)
             else:
                 spans = _resident_spans(region.host_address, region.size)
             for offset, length in spans:
@@ -337,7 +479,7 @@ class GuestMemory:
             log.debug("MADV_POPULATE_WRITE failed at gpa %#x: %s", gpa, os.strerror(ctypes.get_errno()))
 
     def close(self) -> None:
-        """Unmap every zone and close its fd (idempotent)."""
+        """Unmap every zone (or each of its slots) and close their fds (idempotent)."""
         for zone in self.zones.values():
             zone.close()
 

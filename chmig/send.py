@@ -519,14 +519,19 @@ class Sender:
         self.stats.postcopy.status = "served"
 
     def _send_memory_fds(self) -> None:
-        """Local migration: one MemoryFd (slot number + memfd as SCM_RIGHTS) per slot."""
+        """Local migration: one MemoryFd (slot number + memfd as SCM_RIGHTS) per slot.
+
+        Each slot sends the file that backs it: its zone's memfd, or its own when
+        the slots of a zone came as separate files (either way the slot's bytes
+        are at its ``file_offset``).
+        """
         memory = self.vm.memory
         if not memory.shared:
             raise MigrationError("local migration requires shared memory (memory shared=on)", where="MemoryFd")
         assert self.channel is not None
         for region in memory.regions:
             self.machine.check_send(p.Command.MEMORY_FD)
-            self.channel.send_memory_fd(region.mapping.slot, region.zone.fd)
+            self.channel.send_memory_fd(region.mapping.slot, region.fd)
             self.machine.acknowledged(p.Command.MEMORY_FD)
         self.stats.mode = "local"
 

@@ -423,29 +423,38 @@ def _check_memory(facts: ConfigFacts, memory_fds: dict[int, FdSpec], host_total:
             j.doubt(f"guest RAM of {facts.ram >> 20} MiB may not fit this host now")
         return
     by_slot = {slot: (zone_id, offset + size) for slot, _, size, zone_id, offset in facts.slots}
-    by_zone: dict[str, FdSpec] = {}
+    by_zone: dict[str, dict[int, FdSpec]] = {}
     for slot, fd in memory_fds.items():
         if slot not in by_slot:
             j.error(f"a MemoryFd for slot {slot}, which the Config does not have")
             return
-        zone_id = by_slot[slot][0]
-        if zone_id in by_zone and by_zone[zone_id].identity != fd.identity:
-            j.error(f"slots of zone {zone_id!r} arrived as different files")
-            return
-        by_zone[zone_id] = fd
+        by_zone.setdefault(by_slot[slot][0], {})[slot] = fd
     identities: dict[str, str] = {}
     for zone_id, (size, shared) in facts.zones.items():
-        fd = by_zone.get(zone_id)
-        if fd is None:
+        fds = by_zone.get(zone_id)
+        if not fds:
             j.error(f"no MemoryFd for zone {zone_id!r}")
             continue
         if not shared:
             j.error(f"zone {zone_id!r} is private, but arrived as a MemoryFd")
-        if not fd.usable_for(size):
-            j.error(f"the MemoryFd of zone {zone_id!r} ({fd.kind}, {fd.size} bytes) cannot back {size} bytes")
-        if fd.identity in identities:
-            j.doubt(f"zones {identities[fd.identity]!r} and {zone_id!r} share one file")
-        identities[fd.identity] = zone_id
+        # Every slot needs its MemoryFd (a slot without one would read zeros); slots of one zone may come as one
+        # file (mapped once, whole) or as one file each (Cloud Hypervisor's offload daemon: slot at file_offset).
+        missing = sorted(slot for slot, (zone, _) in by_slot.items() if zone == zone_id and slot not in fds)
+        if missing:
+            j.error(f"no MemoryFd for slot {missing[0]} of zone {zone_id!r}")
+        if len({fd.identity for fd in fds.values()}) == 1:
+            fd = next(iter(fds.values()))
+            if not fd.usable_for(size):
+                j.error(f"the MemoryFd of zone {zone_id!r} ({fd.kind}, {fd.size} bytes) cannot back {size} bytes")
+        else:
+            for slot, fd in fds.items():
+                if not fd.usable_for(by_slot[slot][1]):
+                    j.error(f"the MemoryFd of slot {slot} ({fd.kind}, {fd.size} bytes) cannot back its "
+                            f"{by_slot[slot][1]} bytes (file_offset + size)")
+        for fd in fds.values():
+            if identities.get(fd.identity, zone_id) != zone_id:
+                j.doubt(f"zones {identities[fd.identity]!r} and {zone_id!r} share one file")
+            identities[fd.identity] = zone_id
     if facts.ram > host_total:
         j.doubt("more guest RAM than this host has, handed over as memfds")
 

@@ -760,7 +760,7 @@ def k_fds(rng: random.Random, b: Builder, env: Env) -> Case:
         fds = {0: [good], 1: [b.memfd(size=4 * MiB, identity="memfd-1", image=False)]}
         detail = "a MemoryFd for a private zone"
     elif op in ("split-same", "split-different"):
-        # One zone as two slots: both must come as the same file (one memfd sent twice is fine).
+        # One zone as two slots: one memfd sent twice (mapped once), or one memfd per slot (the offload daemon's).
         half = size // 2
 
         def split(document: dict) -> None:

@@ -286,7 +286,7 @@ class _Source:
         if allow_written and region.zone.config.shared and self.rng.random() < self.plan.written_share:
             offset = region.mapping.file_offset + rng.gpa - region.gpa
             # Kernel-side (pwrite on the memfd): never a touch of the registered mapping from Python.
-            os.pwrite(region.zone.fd, pattern(rng.gpa, rng.length), offset)
+            os.pwrite(region.fd, pattern(rng.gpa, rng.length), offset)
             return p.Response.ok(0).encode()
         return p.Response.ok(rng.length).encode() + pattern(rng.gpa, rng.length)
 
