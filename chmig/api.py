@@ -12,6 +12,9 @@ PUT     /api/v1/vmm.shutdown          stop the VM and end the process
 PUT     /api/v1/vm.send-migration     ``VmSendMigrationData`` (destination_url, connections, ...)
 PUT     /api/v1/vm.receive-migration  ``VmReceiveMigrationData`` (receiver_url, tls_dir)
 PUT     /api/v1/vm.cancel-migration   stop the migration in progress (its own request then fails)
+PUT     /api/v1/vm.snapshot           ``VmSnapshotConfig`` (destination_url ``file:///DIR``); the VM must be paused
+PUT     /api/v1/vm.restore            ``RestoreConfig`` (source_url ``file:///DIR``, memory_restore_mode, resume,
+                                      prefault); on a VMM with no VM
 ======  ============================  ===========================================
 
 Status codes: 200 with a JSON body, 204 for success without a body, 400 for a
@@ -179,6 +182,35 @@ def _receive_migration(vmm: Vmm, body: Any) -> None:
     vmm.receive_migration(ReceiveOptions.from_api(fields))
 
 
+SNAPSHOT_FIELDS: dict[str, type] = {"destination_url": str}
+#: Cloud Hypervisor's ``RestoreConfig``, every field as ``ch-remote restore`` serializes it.
+RESTORE_FIELDS: dict[str, type] = {
+    "source_url": str,
+    "prefault": bool,
+    "memory_restore_mode": str,
+    "net_fds": list,
+    "vfio_fds": list,
+    "iommufd_fd": int,
+    "resume": bool,
+    "zone_updates": list,
+}
+#: RestoreConfig's ``Option`` fields (``ch-remote`` sends them as null).
+RESTORE_NULLABLE = ("net_fds", "vfio_fds", "iommufd_fd")
+
+
+def _snapshot(vmm: Vmm, body: Any) -> None:
+    """Cloud Hypervisor answers vm.snapshot with 204 and no body."""
+    fields = _fields(body, SNAPSHOT_FIELDS, ("destination_url",))
+    vmm.snapshot(fields["destination_url"])
+
+
+def _restore(vmm: Vmm, body: Any) -> None:
+    """Cloud Hypervisor answers vm.restore with 204 and no body; ``vm.info`` shows the restore."""
+    from .snapshot import RestoreConfig  # here, so that `chmig remote` never loads the VM stack
+
+    vmm.restore(RestoreConfig.from_api(_fields(body, RESTORE_FIELDS, ("source_url",), RESTORE_NULLABLE)))
+
+
 def _one_line(text: str, limit: int = 200) -> str:
     """``text`` fit for a one-line error: control characters escaped, at most ``limit`` characters."""
     flat = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
@@ -334,6 +366,8 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             ("PUT", "vm.send-migration"): lambda body: _send_migration(vmm, body),
             ("PUT", "vm.receive-migration"): lambda body: _receive_migration(vmm, body),
             ("PUT", "vm.cancel-migration"): lambda body: vmm.cancel_migration(),
+            ("PUT", "vm.snapshot"): lambda body: _snapshot(vmm, body),
+            ("PUT", "vm.restore"): lambda body: _restore(vmm, body),
         }
 
 
@@ -573,7 +607,27 @@ REMOTE_ACTIONS: dict[str, tuple[str, str, dict | None]] = {
     "send-migration": ("PUT", "vm.send-migration", SEND_MIGRATION_FIELDS),
     "receive-migration": ("PUT", "vm.receive-migration", RECEIVE_MIGRATION_FIELDS),
     "cancel-migration": ("PUT", "vm.cancel-migration", None),
+    "snapshot": ("PUT", "vm.snapshot", None),
+    "restore": ("PUT", "vm.restore", None),
 }
+
+
+def _snapshot_body(argument: str) -> dict:
+    """``ch-remote snapshot file:///DIR``: the argument is the URL itself, not key=value options."""
+    if not argument.strip():
+        raise UsageError("snapshot needs a destination URL: chmig remote --api-socket PATH snapshot file:///DIR")
+    return {"destination_url": argument}
+
+
+def _restore_body(argument: str) -> dict:
+    """``ch-remote restore source_url=...``: parsed as ``--restore`` is, sent as the whole serialized RestoreConfig."""
+    from .snapshot import RestoreConfig
+
+    return RestoreConfig.parse(argument, "restore").to_api()
+
+
+#: Actions whose argument ``ch-remote`` turns into a body its own way (not typed ``key=value`` fields).
+REMOTE_BODIES: dict[str, Callable[[str], dict]] = {"snapshot": _snapshot_body, "restore": _restore_body}
 
 
 def main_remote(args: argparse.Namespace) -> int:
@@ -582,7 +636,9 @@ def main_remote(args: argparse.Namespace) -> int:
         raise UsageError(f"unknown action {args.action!r} (choose from {', '.join(REMOTE_ACTIONS)})")
     method, action, fields = REMOTE_ACTIONS[args.action]
     body = None
-    if fields is not None:
+    if args.action in REMOTE_BODIES:
+        body = REMOTE_BODIES[args.action](args.options)
+    elif fields is not None:
         body = parse_typed(args.options, fields, args.action)
     elif args.options:
         raise UsageError(f"{args.action} takes no options")

@@ -57,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     remote.set_defaults(handler=_lazy("api", "main_remote"))
     remote.add_argument("--api-socket", required=True, help="the VMM's API socket")
     remote.add_argument("action", help="ping, info, pause, resume, shutdown, shutdown-vmm, send-migration, "
-                        "receive-migration, cancel-migration")
-    remote.add_argument("options", nargs="?", default="", help="key=value[,key=value...] for the action")
+                        "receive-migration, cancel-migration, snapshot, restore")
+    remote.add_argument("options", nargs="?", default="",
+                        help="key=value[,key=value...] for the action (snapshot: the URL file:///DIR)")
 
     receive = sub.add_parser("receive", help="wait for an incoming migration and run the VM it brings")
     receive.set_defaults(handler=_lazy("vmm", "main_receive"))
@@ -107,6 +108,10 @@ def _add_run_arguments(run: argparse.ArgumentParser) -> None:
     run.add_argument("--memory-zone", action="append", default=[], help="id=NAME,size=SIZE[,shared=on|off]")
     run.add_argument("--workload", help="verify[,dirty_percent=P][,dirty_rate=MIB] | counter | idle")
     run.add_argument("--serial", default="tty", help="tty, off or file=PATH (default tty)")
+    run.add_argument("--restore", metavar="OPTIONS",
+                     help="restore the VM of a snapshot instead of booting one: source_url=file:///DIR"
+                          "[,resume=true|false][,memory_restore_mode=copy|ondemand][,prefault=on|off] "
+                          "(paused unless resume=true)")
 
 
 def configure_logging(verbosity: int, log_file: str | None) -> None:

@@ -49,6 +49,17 @@ values it had when a page is not here yet; a second migration or a snapshot
 waits until the VM is whole.  ``tests/test_postcopy.py`` reads ``vm.info`` in
 a loop during postcopy to prove it.
 
+Page sources
+------------
+The pager asks a :class:`PageSource` for pages: a Fault connection
+(:class:`~chmig.channel.Channel`, whose ``request_page`` is the PageFault
+round trip), or a snapshot file (:class:`chmig.snapshot.FileSource`, Cloud
+Hypervisor's ``memory_restore_mode=ondemand`` restore, which checks each
+chunk against the snapshot's manifest before it answers).  Only a connection
+has a peer that can go away between requests, so only its socket is watched
+while it is idle (:func:`watch_fd`).  A source that fails — a source that
+died, a corrupt chunk — fails the pager the same way.
+
 When a Fault connection breaks
 ------------------------------
 Once the VM runs here, the source holds the only copy of every page not yet
@@ -73,7 +84,7 @@ import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, Sequence
 
 from . import protocol as p
 from .channel import Channel
@@ -318,6 +329,47 @@ class PostcopyStats:
 # ---------------------------------------------------------------------------------------------
 
 
+class PageSource(Protocol):
+    """Where the pager gets pages: a Fault connection (:class:`~chmig.channel.Channel` is one as it is), or a
+    snapshot file (:class:`chmig.snapshot.FileSource`, an on-demand restore).
+
+    ``request_page`` fills ``into`` (exactly ``page.length`` bytes) and returns
+    how many bytes came inline, or returns 0 when the source wrote the page
+    into memory it shares with this VM; it raises to fail the pager.
+    ``reset`` must make a thread blocked in ``request_page`` return (it is
+    the thread's stopper), and say "not a clean end" to a peer; ``close``
+    releases the source.
+    """
+
+    name: str
+
+    def request_page(self, page: p.MemoryRange, into: memoryview | None) -> int: ...
+
+    def set_timeout(self, seconds: float | None) -> None: ...
+
+    def reset(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def watch_fd(source: PageSource) -> int | None:
+    """The fd the fault thread watches while ``source`` is idle, or None when nothing can happen on it unasked.
+
+    A Fault connection has a peer that may die or misbehave between requests:
+    its socket is watched (:func:`_unasked`).  A file has no peer.
+    """
+    return source.conn.fileno() if isinstance(source, Channel) else None
+
+
+def _names_its_connection(source: PageSource | None, exc: BaseException) -> bool:
+    """Whether a failure's message should be prefixed with the Fault connection it came from.
+
+    PostcopyErrors name their connection already; a source that is not a
+    connection (a snapshot file) raises errors that name the file.
+    """
+    return isinstance(source, Channel) and not isinstance(exc, PostcopyError)
+
+
 #: What the fault thread watches for on an idle Fault connection: the source said something, or went away.
 _PEER_SPOKE = select.POLLIN | select.POLLRDHUP
 
@@ -350,32 +402,32 @@ class _PageBuffer:
 
 
 class PostcopyPager:
-    """Resolves guest faults through the source and pulls the rest; owns the userfaultfd, the Fault channels
-    and its threads.
+    """Resolves guest faults through the source and pulls the rest; owns the userfaultfd, the page sources
+    (Fault connections, or a snapshot file's readers) and its threads.
 
     Life: :meth:`register` (before State is restored), :meth:`start` (threads),
     then the owner waits in :meth:`wait` until the VM is whole or postcopy
     failed, and calls :meth:`close`.
     """
 
-    def __init__(self, memory: GuestMemory, channels: list[Channel], prefetch: Prefetch = Prefetch(),
+    def __init__(self, memory: GuestMemory, sources: Sequence[PageSource], prefetch: Prefetch = Prefetch(),
                  limits: p.Limits = p.DEFAULT_LIMITS, stats: PostcopyStats | None = None, *,
                  shared_with_source: bool = False, memory_arrived: bool = False) -> None:
         """``shared_with_source``: the shared zones' memfds came from the peer (MemoryFd), which may answer a
         PageFault by writing the page into them (length 0; MINOR mode, ``UFFDIO_CONTINUE``).
         ``memory_arrived``: some pages came before State (hybrid): find out which are present."""
-        if not channels:
-            raise PostcopyError("postcopy needs at least one Fault connection", where="postcopy")
+        if not sources:
+            raise PostcopyError("postcopy needs at least one page source (a Fault connection)", where="postcopy")
         self.memory = memory
         # Cloud Hypervisor's strategy uses one connection, as Cloud Hypervisor does; the others stay unused.
-        self.channels = channels[:1] if prefetch.strategy == PAGE else list(channels)
-        self.unused = channels[1:] if prefetch.strategy == PAGE else []
+        self.sources = list(sources[:1]) if prefetch.strategy == PAGE else list(sources)
+        self.unused = list(sources[1:]) if prefetch.strategy == PAGE else []
         self.prefetch = prefetch
         self.limits = limits
         self.stats = stats if stats is not None else PostcopyStats()
         self.stats.strategy = prefetch.strategy
         self.stats.prefetch_bytes = prefetch.range_bytes
-        self.stats.fault_connections = len(self.channels)
+        self.stats.fault_connections = len(self.sources)
         self.present = PresentPages(memory.ram_ranges())
         self.stats.pages_total = self.present.total
         self.shared_with_source = shared_with_source
@@ -387,7 +439,7 @@ class PostcopyPager:
         self.error: str | None = None
         self._stop_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         #: Fault connections nobody uses any more wait here for the fault thread to watch them (``_idle_fd``).
-        self._idle: list[Channel] = []
+        self._idle: list[PageSource] = []
         self._idle_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
         self._cursor = 0
         self._cursor_lock = threading.Lock()
@@ -408,8 +460,8 @@ class PostcopyPager:
         page of our own memfd that the kernel reclaimed would come back as a
         minor fault on a page the bitmap calls present.
         """
-        for channel in self.unused:
-            channel.close()
+        for source in self.unused:
+            source.close()
         shared = any(zone.config.shared for zone in self.memory.zones.values())
         minor = shared and self.shared_with_source
         features = (u.UFFD_FEATURE_MISSING_SHMEM if shared else 0) | (u.UFFD_FEATURE_MINOR_SHMEM if minor else 0)
@@ -425,10 +477,11 @@ class PostcopyPager:
                     self.present.mark(gpa, length)
         self.stats.pages_present_at_start = self.present.present
         self.memory.present = self.present
-        for channel in self.channels:
-            channel.set_timeout(self.limits.fault_response_timeout_s)
-        log.info("postcopy: userfaultfd on %d MiB of guest RAM (%d pages missing), %d Fault connection(s), "
-                 "prefetch %s", self.memory.total_size // MiB, self.present.missing, len(self.channels), self.prefetch)
+        for source in self.sources:
+            source.set_timeout(self.limits.fault_response_timeout_s)
+        log.info("postcopy: userfaultfd on %d MiB of guest RAM (%d pages missing), %d page source(s) (%s), "
+                 "prefetch %s", self.memory.total_size // MiB, self.present.missing, len(self.sources),
+                 ", ".join(source.name for source in self.sources), self.prefetch)
 
     def start(self) -> None:
         """Start the fault thread (and the pull threads); from now on faults are resolved."""
@@ -436,16 +489,16 @@ class PostcopyPager:
         if self.present.whole:
             self._became_whole()
             return
-        urgent, *pullers = self.channels
+        urgent, *pullers = self.sources
         pull_on_urgent = not pullers and self.prefetch.strategy != OFF
         if self.prefetch.strategy == OFF:
             self._idle.extend(pullers)  # never used: watched from the start
         try:
             self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.reset)
             if self.prefetch.strategy != OFF:
-                for channel in pullers:
-                    self.threads.start(f"postcopy-pull-{channel.name}", self._pull_loop, channel,
-                                       stopper=channel.reset)
+                for source in pullers:
+                    self.threads.start(f"postcopy-pull-{source.name}", self._pull_loop, source,
+                                       stopper=source.reset)
         except RuntimeError:
             # A thread already started has failed, and stopping the group refused the rest: the pager has
             # ended with that failure (``error``), which its owner handles like any other.
@@ -469,8 +522,8 @@ class PostcopyPager:
 
     # -- the threads ---------------------------------------------------------------------------
 
-    def _fault_loop(self, channel: Channel, pull_too: bool) -> None:
-        """The fault thread: resolve every guest fault through ``channel``; with one connection, pull between."""
+    def _fault_loop(self, source: PageSource, pull_too: bool) -> None:
+        """The fault thread: resolve every guest fault through ``source``; with one connection, pull between."""
         assert self.uffd is not None
         buffer = _PageBuffer(self.prefetch.range_bytes if pull_too else PAGE_SIZE)
         poller = select.poll()
@@ -483,9 +536,8 @@ class PostcopyPager:
         idle: dict[int, Channel] = {}
         pulling = pull_too
         try:
-            for idle_channel in [channel, *self._idle_channels(take=True)]:
-                idle[idle_channel.conn.fileno()] = idle_channel
-                poller.register(idle_channel.conn.fileno(), _PEER_SPOKE)
+            for idle_source in [source, *self._idle_sources(take=True)]:
+                self._watch_idle(poller, idle, idle_source)
             while not self.done.is_set():
                 # Poll without waiting while there is something to pull, so faults still go first.
                 ready = dict(poller.poll(0 if pulling else None))
@@ -493,53 +545,60 @@ class PostcopyPager:
                     return
                 if ready.get(self._idle_fd):
                     os.eventfd_read(self._idle_fd)
-                    for idle_channel in self._idle_channels(take=True):
-                        idle[idle_channel.conn.fileno()] = idle_channel
-                        poller.register(idle_channel.conn.fileno(), _PEER_SPOKE)
-                for fd, idle_channel in list(idle.items()):
+                    for idle_source in self._idle_sources(take=True):
+                        self._watch_idle(poller, idle, idle_source)
+                for fd, idle_source in list(idle.items()):
                     if ready.get(fd):
-                        problem = _unasked(idle_channel, ready[fd])
+                        problem = _unasked(idle_source, ready[fd])
                         if problem is not None:
                             raise problem
                         # Readable with nothing there: do not spin on it (the requests on it still fail
                         # cleanly if the source is gone).
                         log.warning("postcopy: %s polled readable (events %#x) with nothing to read: no longer "
-                                    "watched", idle_channel.name, ready[fd])
+                                    "watched", idle_source.name, ready[fd])
                         poller.unregister(fd)
                         del idle[fd]
                 faults = self.uffd.read_faults()
                 if faults:
-                    self._resolve(channel, buffer, faults, time.monotonic())
+                    self._resolve(source, buffer, faults, time.monotonic())
                 elif pulling:
-                    pulling = self._pull_one(channel, buffer)
+                    pulling = self._pull_one(source, buffer)
         except BaseException as exc:  # the pager fails; its owner stops the VM
-            self._fail(exc, channel)
+            self._fail(exc, source)
 
-    def _pull_loop(self, channel: Channel) -> None:
-        """A pull thread: stream missing ranges over ``channel`` until none is left."""
+    @staticmethod
+    def _watch_idle(poller: select.poll, idle: dict[int, Channel], source: PageSource) -> None:
+        """Watch an idle source for a peer that speaks unasked (:func:`watch_fd`; only a connection has one)."""
+        fd = watch_fd(source)
+        if fd is not None and isinstance(source, Channel):
+            idle[fd] = source
+            poller.register(fd, _PEER_SPOKE)
+
+    def _pull_loop(self, source: PageSource) -> None:
+        """A pull thread: stream missing ranges over ``source`` until none is left."""
         buffer = _PageBuffer(self.prefetch.range_bytes)
         try:
-            while not self.done.is_set() and self._pull_one(channel, buffer):
+            while not self.done.is_set() and self._pull_one(source, buffer):
                 pass
         except BaseException as exc:
-            self._fail(exc, channel)
+            self._fail(exc, source)
             return
-        self._hand_to_fault_thread(channel)
+        self._hand_to_fault_thread(source)
 
-    def _hand_to_fault_thread(self, channel: Channel) -> None:
-        """Nothing is left to pull over ``channel``: the fault thread watches it from now on."""
+    def _hand_to_fault_thread(self, source: PageSource) -> None:
+        """Nothing is left to pull over ``source``: the fault thread watches it from now on."""
         with self._cursor_lock:
-            self._idle.append(channel)
+            self._idle.append(source)
         os.eventfd_write(self._idle_fd, 1)
 
-    def _idle_channels(self, take: bool) -> list[Channel]:
+    def _idle_sources(self, take: bool) -> list[PageSource]:
         with self._cursor_lock:
-            channels = list(self._idle)
+            sources = list(self._idle)
             if take:
                 self._idle.clear()
-        return channels
+        return sources
 
-    def _resolve(self, channel: Channel, buffer: _PageBuffer, faults: list[u.PageFault], read_at: float) -> None:
+    def _resolve(self, source: PageSource, buffer: _PageBuffer, faults: list[u.PageFault], read_at: float) -> None:
         """Resolve a batch of faults: each page once, however many vCPUs wait on it."""
         assert self.uffd is not None
         waiting: dict[int, int] = {}
@@ -561,28 +620,28 @@ class PostcopyPager:
                 # Resolved meanwhile (a pull, another vCPU's fault): make sure the waiter runs.
                 self.uffd.wake(page, PAGE_SIZE)
             else:
-                self.stats.count(faulted=self._fetch(channel, buffer, p.MemoryRange(gpa, PAGE_SIZE), page, shared))
+                self.stats.count(faulted=self._fetch(source, buffer, p.MemoryRange(gpa, PAGE_SIZE), page, shared))
                 self._check_whole()
             latency = time.monotonic() - read_at
             for _ in range(count):
                 self.stats.record_fault(latency)
 
-    def _pull_one(self, channel: Channel, buffer: _PageBuffer) -> bool:
-        """Pull the next missing range over ``channel``; False when nothing is left to pull."""
+    def _pull_one(self, source: PageSource, buffer: _PageBuffer) -> bool:
+        """Pull the next missing range over ``source``; False when nothing is left to pull."""
         with self._cursor_lock:
             found = self.present.next_missing(self._cursor, self.prefetch.range_bytes // PAGE_SIZE)
             if found is None:
                 return False
             rng, self._cursor = found
         host, shared = self._host_of(rng.gpa)
-        self.stats.count(pulled=self._fetch(channel, buffer, rng, host, shared))
+        self.stats.count(pulled=self._fetch(source, buffer, rng, host, shared))
         self._check_whole()
         return True
 
-    def _fetch(self, channel: Channel, buffer: _PageBuffer, rng: p.MemoryRange, host: int, shared: bool) -> int:
+    def _fetch(self, source: PageSource, buffer: _PageBuffer, rng: p.MemoryRange, host: int, shared: bool) -> int:
         """One PageFault round trip, then put the bytes in place; return how many pages became present."""
         assert self.uffd is not None
-        inline = channel.request_page(rng, buffer.view(rng.length))
+        inline = source.request_page(rng, buffer.view(rng.length))
         if inline:
             self.uffd.copy(host, buffer.address, rng.length)
         elif shared and self.shared_with_source:
@@ -615,22 +674,22 @@ class PostcopyPager:
             self.done.set()
         os.eventfd_write(self._stop_fd, 1)
 
-    def _fail(self, exc: BaseException, channel: Channel | None = None) -> None:
+    def _fail(self, exc: BaseException, source: PageSource | None = None) -> None:
         """The first failure ends postcopy; later ones (threads woken by the shutdown) are only logged."""
-        where = f" on {channel.name}" if channel is not None else ""
+        where = f" on {source.name}" if source is not None else ""
         reason = f"{exc}" if isinstance(exc, ChmigError) else f"internal error: {exc!r}"
         with self._end_lock:
             if self.done.is_set():
                 log.debug("postcopy: after the end%s: %s", where, reason)
                 return
-            named = channel is not None and not isinstance(exc, PostcopyError)  # those name their connection
+            named = _names_its_connection(source, exc)
             self.error = f"Fault connection{where}: {reason}" if named else reason
             self.stats.status = "failed"
             self.stats.error = self.error
             self.done.set()
         if not isinstance(exc, ChmigError):
             log.error("postcopy: bug in chmig", exc_info=exc)
-        log.error("postcopy failed%s: %s (%d pages still only on the source)", where, reason, self.present.missing)
+        log.error("postcopy failed%s: %s (%d pages were not brought in)", where, reason, self.present.missing)
         os.eventfd_write(self._stop_fd, 1)
         self.threads.stop()
 
@@ -670,12 +729,12 @@ class PostcopyPager:
                 self.threads.close(timeout=10)
             except StuckThreadError as exc:
                 stuck = exc
-        for channel in self.channels:
+        for source in self.sources:
             if not self.present.whole:
-                channel.reset()  # not a clean end: the source must not take it for "every page is here"
-            channel.close()
-        for channel in self.unused:
-            channel.close()
+                source.reset()  # not a clean end: the source must not take it for "every page is here"
+            source.close()
+        for source in self.unused:
+            source.close()
         self.memory.present = None if self.present.whole else self.present
         if self.uffd is not None:
             if self.present.whole:

@@ -12,6 +12,13 @@ send; a receive has no VM to show yet), cancelled by ``vm.cancel-migration``,
 and cancelled (then joined) when the VMM shuts down.  The API request that
 started it only waits for its outcome, as ``ch-remote`` waits.  This module
 drives :mod:`chmig.send` and :mod:`chmig.receive`; they never call back here.
+
+Snapshot and restore (:mod:`chmig.snapshot`, Cloud Hypervisor's ``file://``
+ones): ``vm.snapshot`` writes the paused VM while holding the VMM's lock (so
+nothing resumes it meanwhile); ``vm.restore`` (or ``chmig run --restore``)
+runs as a task like a receive, on an empty VMM, and adopts the VM it built.
+An on-demand restore leaves a pager bringing the RAM in from the snapshot,
+owned here as a postcopy receive's is.
 """
 
 from __future__ import annotations
@@ -33,10 +40,14 @@ from .memory import GuestMemory
 from .postcopy import PostcopyPager
 from .receive import ReceiveOptions, Receiver
 from .send import SendOptions, Sender, new_stats, send_migration
+from .snapshot_dir import SnapshotError
 from .stats import MigrationStats
 from .threads import ThreadGroup
 from .transport import listen, parse_url
 from .vm import Serial, Vm, VmConfig, VmState
+
+if TYPE_CHECKING:
+    from .snapshot import RestoreConfig, RestoreStats
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +210,7 @@ class Vmm:
             self._require_idle("shut down")
             self.require_vm()
             self._stop_postcopy()  # its threads write into the RAM that is about to go
+            self.postcopy = None  # the next VM is not bound by this one's pages
             self._drop_vm()
 
     def shutdown_vmm(self) -> None:
@@ -239,7 +251,7 @@ class Vmm:
         pager = self.postcopy
         if pager is not None and pager.stats.status != "whole":
             raise VmError(f"cannot {what}: the VM is not whole (postcopy {pager.stats.status}, "
-                          f"{pager.present.missing} pages only on the source)")
+                          f"{pager.present.missing} pages not brought in yet)")
 
     def send_migration(self, body: dict) -> dict:
         """Run an outgoing migration; answer its statistics (Cloud Hypervisor answers 204, no body)."""
@@ -293,27 +305,68 @@ class Vmm:
                     self.task = None
         return receiver.stats
 
+    # -- snapshot and restore ----------------------------------------------------------------
+
+    def snapshot(self, destination_url: str) -> None:
+        """Write the paused VM to ``file:///DIR`` (Cloud Hypervisor answers 204, no body)."""
+        from .snapshot import write_snapshot
+
+        with self.lock:  # held throughout: nothing may resume the VM while its memory is written
+            self._require_idle("snapshot")
+            self._require_whole("snapshot")
+            write_snapshot(self.require_vm(), destination_url)
+
+    def restore(self, config: RestoreConfig) -> RestoreStats:
+        """Build the VM of a snapshot on this empty VMM and adopt it; return the restore's statistics."""
+        from .snapshot import Restore
+
+        with self.lock:
+            if self.vm is not None:
+                raise VmError("cannot restore: this VMM already has a VM (shut it down first)")
+            self._require_idle("restore")
+            restore = Restore(config, serial_spec=self.serial_spec)
+            self.migration = restore.stats
+            self.task = task = MigrationTask("restore", restore.run, restore.cancel)
+
+        def adopt(vm: Vm) -> None:
+            self.adopt(vm)
+            pager = restore.take_pager()
+            if pager is not None:
+                self._watch(pager, restore=True)
+
+        self._run_task(task, adopt)
+        return restore.stats
+
     # -- postcopy ------------------------------------------------------------------------------
 
-    def _watch(self, pager: PostcopyPager) -> None:
-        """Own a running pager: a thread waits for its end (called under the lock, with the VM adopted)."""
+    def _watch(self, pager: PostcopyPager, restore: bool = False) -> None:
+        """Own a running pager: a thread waits for its end (called under the lock, with the VM adopted).
+
+        ``restore``: the pager reads an on-demand restore's snapshot, not a source.
+        """
+        if self.postcopy_threads.stopping.is_set():  # the owner of an earlier VM's pager was stopped with it
+            self.postcopy_threads = ThreadGroup("postcopy-owner")
         self.postcopy = pager
-        self.postcopy_threads.start("postcopy-owner", self._watch_postcopy, pager,
+        self.postcopy_threads.start("postcopy-owner", self._watch_postcopy, pager, restore,
                                     stopper=lambda: pager.stop("the VMM is shutting down"))
 
-    def _watch_postcopy(self, pager: PostcopyPager) -> None:
+    def _watch_postcopy(self, pager: PostcopyPager, restore: bool = False) -> None:
         """Wait until the VM is whole (then close the Fault connections) or postcopy failed (then stop the VM
-        and end the process non-zero: its missing pages exist only on the source)."""
+        and end the process non-zero: its missing pages exist only on the source; a failed on-demand restore
+        ends the process only when there is no API to report it, see :meth:`_restore_failed`)."""
         pager.wait()
         if pager.stats.status == "whole":
             _reporting_stuck(pager.close, "postcopy")
-            log.info("postcopy done: %s", pager.stats.summary())
+            log.info("%s done: %s", "on-demand restore" if restore else "postcopy", pager.stats.summary())
             if self.exit_when_whole:
                 self.exit_event.set()
             return
         if pager.stats.status == "stopped":  # the VMM is shutting down; close() has stopped the VM
             return
         error = pager.error or "unknown failure"
+        if restore:
+            self._restore_failed(pager, error)
+            return
         vm = self.vm
         log.error("postcopy failed: %s; stopping the VM, whose missing pages exist only on the source", error)
         if vm is not None:
@@ -329,6 +382,29 @@ class Vmm:
                                         "exist only on the source)", where="postcopy")
         self.exit_code = 1
         self.exit_event.set()
+
+    def _restore_failed(self, pager: PostcopyPager, error: str) -> None:
+        """An on-demand restore could not bring a page in (a corrupt or vanished snapshot): the VM cannot go on.
+
+        Stop it and say why in ``vm.info`` and the log; with no API to ask, end the process non-zero.
+        """
+        vm = self.vm
+        log.error("on-demand restore failed: %s; stopping the VM (it must never run on a page that did not come "
+                  "from the snapshot intact)", error)
+        if vm is not None:
+            vm.halt(f"restore failed: {error}")
+        _reporting_stuck(pager.close, "restore")
+        if vm is not None:
+            _reporting_stuck(vm.shutdown, "restore")
+            log.error("the VM stopped: %s", vm.failure)
+        if self.migration is not None and self.migration.postcopy is pager.stats:
+            self.migration.status = "failed"
+            self.migration.error = f"on-demand restore failed: {error}"
+        if self.exit_on_vm_failure:
+            self.exit_error = SnapshotError(f"memory_restore_mode=ondemand failed: {error}; the VM was stopped",
+                                            where="restore")
+            self.exit_code = 1
+            self.exit_event.set()
 
     def _stop_postcopy(self) -> None:
         """The VMM exits while postcopy runs: stop the VM first (its pages are not all here), then the pager."""
@@ -436,13 +512,30 @@ def wait_for_exit(vmm: Vmm, server: ApiServer | None) -> int:
 
 
 def main_run(args: argparse.Namespace) -> int:
-    """``chmig run``."""
+    """``chmig run``: boot a VM, restore one (``--restore``), or wait empty for either through the API."""
     vm_options = args.cpus or args.memory or args.memory_zone or args.workload
+    restore = None
+    if args.restore:
+        from .snapshot import RestoreConfig
+
+        restore = RestoreConfig.parse(args.restore)
+        if vm_options:
+            raise UsageError("--restore builds the VM from its snapshot: give no --cpus, --memory, --memory-zone "
+                             "or --workload with it")
     vmm = Vmm(args.serial)
     vmm.exit_on_vm_failure = not args.api_socket
-    if not vm_options:
+    if restore is not None:
+        Serial(args.serial).close()  # reject a bad --serial before reading the snapshot
+        try:
+            # Before the API serves: nobody can see (or act on) a VMM half way through its restore.
+            print(f"chmig run: {vmm.restore(restore).summary()}", flush=True)
+        except BaseException:
+            vmm.close()
+            raise
+    elif not vm_options:
         if not args.api_socket:
-            raise UsageError("nothing to run: give VM options (--cpus, --memory, --workload) or --api-socket")
+            raise UsageError("nothing to run: give VM options (--cpus, --memory, --workload), --restore, "
+                             "or --api-socket")
         log.info("empty VMM: waiting for a restore or an incoming migration")
     else:
         Serial(args.serial).close()  # reject a bad --serial before booting anything
