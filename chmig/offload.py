@@ -51,13 +51,12 @@ from typing import Callable
 
 from . import protocol as p
 from .channel import Channel, IncomingRequest, Observers
-from .errors import ChmigError, MigrationError, ProtocolError, UsageError
+from .errors import ChmigError, MigrationError, PeerError, ProtocolError, UsageError
 from .snapshot_dir import (
     ChunkVerifier,
     Manifest,
     SnapshotError,
     SnapshotWriter,
-    copy_into,
     lock_socket,
     open_memory_file,
     read_json_file,
@@ -197,8 +196,11 @@ class SnapshotReceiver:
     def _receive(self, channel: Channel) -> None:
         while not self.machine.finished:
             state = self.machine.state
+            # A receiver waits in Configured as long as precopy runs over other connections; the daemon takes
+            # memory only as MemoryFds, so a VMM silent there is as stuck as anywhere else.
+            idle = p.receiver_idle_timeout(state, self.limits)
             try:
-                incoming = channel.read_request(self._admit, p.receiver_idle_timeout(state, self.limits))
+                incoming = channel.read_request(self._admit, self.limits.stall_timeout_s if idle is None else idle)
             except ConnectionClosed:
                 self.machine.fail()
                 raise MigrationError(f"the VMM closed the connection in state {state.value}: no snapshot",
@@ -328,11 +330,6 @@ class SnapshotImage:
     def verified(self) -> bool:
         return self.manifest is not None
 
-    def verify_all(self) -> None:
-        """Check every memory file whole (an eager restore, before anything is sent)."""
-        for _, verifier in self.files.values():
-            verifier.check_all()
-
     def close(self) -> None:
         _close_all(fd for fd, _ in self.files.values())
         self.files.clear()
@@ -427,7 +424,9 @@ class RestoreSender:
     empty, ``fault_connections`` Fault connections are opened before State,
     and each PageFault is served by writing the range into the memfd and
     answering Ok with length 0; :meth:`run` returns once the VMM has closed
-    every Fault connection.
+    every Fault connection, having asked for every page.  A Complete whose
+    Ok is lost is served anyway (the VMM may be running the VM): the Fault
+    connections tell whether it had it.
     """
 
     def __init__(self, socket_path: str | os.PathLike[str], input_dir: str | os.PathLike[str], *,
@@ -456,8 +455,8 @@ class RestoreSender:
             self.result.verified = image.verified
             self.result.slots = len(image.mappings)
             self.result.memory_bytes = sum(m.size for m in image.mappings)
-            if not self.ondemand:
-                image.verify_all()  # refuse a corrupt snapshot before the VMM sees any of it
+            # Eager: every memfd is filled, and every chunk verified on the bytes copied, before the VMM sees
+            # anything; a corrupt snapshot is refused before it connects.
             for mapping in image.mappings:
                 memfds[mapping.slot] = self._memfd_for(image, mapping)
             self._migrate(image, memfds)
@@ -482,8 +481,7 @@ class RestoreSender:
             if self.ondemand:
                 self.slots.append(OnDemandSlot(mapping, memfd, disk, verifier))
             else:
-                self.result.copied_bytes += copy_into(memfd, mapping.file_offset, disk, 0, mapping.size,
-                                                      memory_file(mapping.slot))
+                self.result.copied_bytes += verifier.copy_verified(memfd, mapping.file_offset)
         except BaseException:
             os.close(memfd)
             raise
@@ -510,10 +508,20 @@ class RestoreSender:
                 self._request_ok(channel, p.Request.state(len(image.state)), image.state)
             except ChmigError as exc:
                 if self.ondemand:
-                    raise MigrationError(f"{exc} (an on-demand restore needs a VMM receiving with "
+                    raise MigrationError(f"{exc.message} (an on-demand restore needs a VMM receiving with "
                                          "memory_mode=postcopy)", where="State") from exc
                 raise
-            self._request_ok(channel, p.Request.complete() if self.resume else p.Request.complete_paused())
+            try:
+                self._request_ok(channel, p.Request.complete() if self.resume else p.Request.complete_paused())
+            except PeerError:
+                raise  # refused: the VMM does not run the VM
+            except ChmigError as exc:
+                if not self.ondemand:
+                    raise MigrationError(f"Complete was sent but not acknowledged ({exc}): the VMM may be running "
+                                         "the VM", where="Complete") from exc
+                # The VMM may have taken Complete and run the VM, whose pages are only here: serve them anyway,
+                # and let the Fault connections tell (every page asked for, every connection closed cleanly).
+                log.warning("offload daemon: Complete was sent but not acknowledged (%s); serving pages anyway", exc)
         self.result.handed_over_ms = round((time.monotonic() - begin) * 1000, 3)
         log.info("offload daemon: the VMM has the VM (%s)", "resumed" if self.resume else "paused")
         if self.ondemand:
@@ -567,7 +575,8 @@ class RestoreSender:
             self.result.pages_served += written
 
     def _wait_for_fault_connections(self) -> None:
-        """Until the VMM has closed every Fault connection (it has every page then, or used none of them)."""
+        """Until the VMM has closed every Fault connection; each page must have been asked for by then (a VMM
+        that closes its connections before it has the whole VM has failed, or was cut off)."""
         for _ in range(self.result.fault_connections):
             error = self._ended.get()
             if error is not None:
@@ -575,6 +584,11 @@ class RestoreSender:
                 self.result.errors.append(str(error))
         if self.result.errors:
             raise MigrationError(f"serving pages failed: {self.result.errors[0]}", where="on-demand restore")
+        missing = sum(slot.served.count(0) for slot in self.slots)
+        if missing:  # every connection closed cleanly, yet pages were never asked for: the VMM is not whole
+            total = sum(len(slot.served) for slot in self.slots)
+            raise MigrationError(f"the VMM closed every Fault connection with {missing} of {total} pages never "
+                                 "asked for: it cannot have the whole VM (did it fail?)", where="on-demand restore")
 
 
 # ---------------------------------------------------------------------------------------------

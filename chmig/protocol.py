@@ -133,6 +133,9 @@ class Limits:
     stall_timeout_s: float = _limit(60.0, "silence inside a message, or before Config, before the peer is given up")
     response_timeout_s: float = _limit(60.0, "source: silence while waiting for an answer, the VM running")
     paused_response_timeout_s: float = _limit(10.0, "source: silence while waiting for an answer, the VM paused")
+    local_completion_rate: int = _limit(32 * MiB, "source, local migration: the slowest rate (bytes/s) at which the "
+                                        "destination may store guest RAM before it answers the completion (an offload "
+                                        "daemon writes and fsyncs it all first): the wait grows with the RAM")
     max_json_containers: int = _limit(100_000, "objects and arrays in one Config or State (a real one has hundreds)")
     max_json_values: int = _limit(2_000_000, "values in one Config or State, counted by their separators")
 
@@ -560,6 +563,20 @@ def check_memory_before_state(memory_mode: str, memory_bytes: int, memory_fds: b
     if memory_mode == "precopy" and not memory_fds and memory_bytes == 0:
         raise ProtocolError("State came before any memory: a precopy source sends the guest's pages first "
                             "(if the source migrates by postcopy, receive with memory_mode=postcopy)", where="State")
+
+
+def completion_timeout(local: bool, memory_bytes: int, limits: Limits = DEFAULT_LIMITS) -> float:
+    """How long a paused source waits for the answer to Complete / CompletePaused.
+
+    A local migration's destination may be an offload daemon, which must read,
+    write and fsync all of guest RAM *before* it answers (the VM may be gone
+    right after): it gets ``paused_response_timeout_s`` plus the RAM at
+    ``local_completion_rate``.  Any other destination only resumes a VM.
+    """
+    wait = limits.paused_response_timeout_s
+    if local:
+        wait += memory_bytes / limits.local_completion_rate
+    return wait
 
 
 def check_memory_fd(slot: int, received: Collection[int], limits: Limits = DEFAULT_LIMITS) -> None:

@@ -470,6 +470,7 @@ class Sender:
         complete = p.Request.complete() if self.was_running else p.Request.complete_paused()
         self.machine.check_send(complete.command)
         assert self.channel is not None
+        self.channel.set_timeout(p.completion_timeout(self.options.local, vm.memory.total_size, self.limits))
         with self._cancel_lock:
             if self.cancelled:
                 raise MigrationError("the migration was cancelled", where="Complete")
