@@ -605,6 +605,10 @@ def test_a_fault_goes_to_the_source_and_back(lab_factory: Callable[..., PagerLab
     assert not faulted.is_alive(), "the fault was never resolved"
     assert buffer.raw == page_pattern(gpa, PAGE_SIZE)
     stats = lab.pager.stats
+    # UFFDIO_COPY wakes the reader before the fault thread counts the fault: give it a moment to.
+    deadline = time.monotonic() + 5
+    while stats.faults < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
     assert stats.pages_faulted == 1 and stats.faults == 1 and stats.pages_pulled == 0, stats
     assert stats.status == "pulling" and not lab.pager.done.is_set()
     assert lab.source is not None and lab.source.requests == [(gpa, PAGE_SIZE)]
