@@ -358,6 +358,8 @@ ROUTES: list[tuple[str, str]] = [
     ("PUT", "vm.send-migration"),
     ("PUT", "vm.receive-migration"),
     ("PUT", "vm.cancel-migration"),
+    ("PUT", "vm.snapshot"),
+    ("PUT", "vm.restore"),
 ]
 FORBIDDEN_ACTIONS = frozenset({"vm.shutdown", "vmm.shutdown"})
 
@@ -365,6 +367,15 @@ SEND_FIELDS = {"destination_url": str, "local": bool, "preserve_source": bool, "
                "timeout_s": int, "timeout_strategy": str, "connections": int, "tls_dir": str, "memory_mode": str,
                "fault_connections": int}
 RECEIVE_FIELDS = {"receiver_url": str, "tls_dir": str, "memory_mode": str, "prefetch": str}
+SNAPSHOT_FIELDS = {"destination_url": str}
+RESTORE_FIELDS = {"source_url": str, "prefault": bool, "memory_restore_mode": str, "net_fds": list,
+                  "vfio_fds": list, "iommufd_fd": int, "resume": bool, "zone_updates": list}
+#: Which fields each route with a body takes.
+FIELDS_OF = {"vm.send-migration": SEND_FIELDS, "vm.receive-migration": RECEIVE_FIELDS,
+             "vm.snapshot": SNAPSHOT_FIELDS, "vm.restore": RESTORE_FIELDS}
+#: file:// URLs for vm.snapshot and vm.restore (a snapshot may really be written into the workdir; a restore
+#: never finds one there: restoring would give the empty target a VM).
+FILE_URL_FIELDS = frozenset({"source_url"})
 #: Postcopy: fault_connections is 1..16 (memory_mode=postcopy refuses local=true and connections > 1); prefetch
 #: (string or null) is page, off or a page-aligned size from 256K to 2M, and only with memory_mode=postcopy.
 MAX_FAULT_CONNECTIONS = 16
@@ -476,7 +487,38 @@ class Generator:
             if rng.random() < 0.2:
                 body["tls_dir"] = None
             return body
+        if action == "vm.snapshot":
+            return {"destination_url": self._snapshot_url(rng)}
+        if action == "vm.restore":
+            body = {"source_url": self._no_snapshot_url(rng, well_formed=True)}
+            ondemand = rng.random() < 0.4
+            optional = {"prefault": rng.random() < 0.3 and not ondemand, "resume": rng.random() < 0.5,
+                        "net_fds": None, "vfio_fds": None, "iommufd_fd": None, "zone_updates": [],
+                        "memory_restore_mode": rng.choice(["ondemand", "OnDemand"] if ondemand else ["copy", "Copy"])}
+            for name in rng.sample(sorted(optional), rng.randrange(len(optional) + 1)):
+                body[name] = optional[name]
+            if ondemand:
+                body["memory_restore_mode"] = optional["memory_restore_mode"]
+            return body
         return None
+
+    def _snapshot_url(self, rng: random.Random) -> str:
+        """Where a snapshot of the (small) target VM may be written: a fresh directory in the workdir."""
+        return f"file://{self.workdir}/snap-{rng.randrange(1 << 30)}"
+
+    def _no_snapshot_url(self, rng: random.Random, well_formed: bool = False) -> str:
+        """A file:// URL where no snapshot is (missing, or a directory of junk): a restore must fail cleanly.
+
+        Not ``well_formed``: also URLs the API refuses as such (not file://, empty).
+        """
+        junk = self.workdir / "junk-snapshot"
+        if not junk.exists():
+            junk.mkdir(parents=True, exist_ok=True)
+            (junk / "config.json").write_text("{not json")
+            (junk / "state.json").write_text("[]")
+            (junk / "memory-ranges").write_bytes(b"\0" * 4096)
+        urls = [f"file://{self.workdir}/missing-{rng.randrange(1000)}", f"file://{junk}", "file:///nonexistent"]
+        return rng.choice(urls if well_formed else urls + ["file://relative", "http://x/y", "file:", ""])
 
     def _request(self, rng: random.Random, method: str, action: str, body: bytes | None) -> Request:
         headers = [("Host", "localhost")]
@@ -503,7 +545,11 @@ class Generator:
             float("nan"), float("inf"), float("-inf"), "", "x" * rng.choice([1, 100, 5000]), "\u0000", "\ud800x",
             [], {}, [None], {"a": 1}, [[[]]], json.loads("[" * depth + "]" * depth),
         ]
-        if kind is str and name in URL_FIELDS:
+        if name in FILE_URL_FIELDS:
+            pool += [self._no_snapshot_url(rng), "file://" + "d/" * 2000]
+        elif name == "destination_url" and rng.random() < 0.3:
+            pool += [self._snapshot_url(rng), "file:///proc/x", f"file://{self.workdir}/a/b/c", "file://"]
+        elif kind is str and name in URL_FIELDS:
             good = self._receive_url(rng) if name == "receiver_url" else self._nowhere(rng)
             pool += [rng.choice(BAD_URLS), good, f"unix:{self.workdir}/" + "d/" * 80 + "x.sock"]
         elif name == "prefetch":
@@ -518,9 +564,8 @@ class Generator:
         return rng.choice(pool)
 
     def _json(self, rng: random.Random, case: Case) -> None:
-        method, action = rng.choice([r for r in ROUTES if r[1] in ("vm.send-migration", "vm.receive-migration")]
-                                    + [rng.choice(ROUTES)])
-        fields = SEND_FIELDS if action == "vm.send-migration" else RECEIVE_FIELDS
+        method, action = rng.choice([r for r in ROUTES if r[1] in FIELDS_OF] + [rng.choice(ROUTES)])
+        fields = FIELDS_OF.get(action, RECEIVE_FIELDS)
         body: Any = self._valid_body(rng, action) or {}
         for _ in range(rng.randrange(1, 4)):
             op = rng.random()
