@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import bisect
 import logging
-import mmap
 import os
 import queue
 import stat
@@ -53,14 +52,17 @@ from . import protocol as p
 from .channel import Channel, IncomingRequest, Observers
 from .errors import ChmigError, MigrationError, PeerError, ProtocolError, UsageError
 from .snapshot_dir import (
+    CHUNK_SIZE,
     ChunkVerifier,
     Manifest,
     SnapshotError,
     SnapshotWriter,
     lock_socket,
     open_memory_file,
+    read_exactly_at,
     read_json_file,
     verify_directory,
+    write_all_at,
 )
 from .threads import ThreadGroup
 from .transport import ConnectionClosed, Listener, Url, connect, listen
@@ -336,53 +338,51 @@ class SnapshotImage:
 
 
 class OnDemandSlot:
-    """One slot of an on-demand restore: its empty memfd, mapped here, filled page by page from its file."""
+    """One slot of an on-demand restore: its memfd, empty at first, filled page by page from its file."""
 
     def __init__(self, mapping: p.SlotMapping, memfd: int, disk: int, verifier: ChunkVerifier) -> None:
         self.mapping = mapping
+        self.memfd = memfd
         self.disk = disk
         self.verifier = verifier
-        self.map = mmap.mmap(memfd, mapping.file_offset + mapping.size, flags=mmap.MAP_SHARED,
-                             prot=mmap.PROT_READ | mmap.PROT_WRITE)
         #: One byte per page: served already.  A served page may be the guest's now: never written again.
         self.served = bytearray(mapping.size // PAGE_SIZE)
         self.lock = threading.Lock()
 
     def place(self, offset: int, length: int) -> int:
-        """Write ``[offset, offset+length)`` of the slot (its unserved pages) into the memfd; return pages written."""
+        """Write ``[offset, offset+length)`` of the slot (its unserved pages) into the memfd; return pages written.
+
+        Written with ``pwrite``, never through a mapping: the kernel keeps a page
+        locked until its bytes are in, so a VMM that maps it (``UFFDIO_CONTINUE``)
+        at that moment waits for them, where a page written through a mapping
+        is visible half-written.  The lock makes a second request for a page
+        being written wait, then find it served.
+        """
         # Verify first, outside the lock (hashing a 2 MiB chunk takes a millisecond or so).
         self.verifier.check(offset, length)
         written = 0
         first, count = offset // PAGE_SIZE, length // PAGE_SIZE
-        with self.lock, memoryview(self.map) as view:
+        buffer = memoryview(bytearray(min(length, CHUNK_SIZE)))
+        with self.lock:
             page = first
             while page < first + count:
                 if self.served[page]:
                     page += 1
                     continue
                 run = page
-                while run < first + count and not self.served[run]:
+                while run < first + count and not self.served[run] and run - page < len(buffer) // PAGE_SIZE:
                     run += 1
-                start, stop = page * PAGE_SIZE, run * PAGE_SIZE
-                target = view[self.mapping.file_offset + start : self.mapping.file_offset + stop]
-                done = 0
-                while done < len(target):
-                    got = os.preadv(self.disk, [target[done:]], start + done)
-                    if got == 0:
-                        raise SnapshotError(f"{memory_file(self.mapping.slot)} ends before byte {start + done}",
-                                            where="on-demand restore")
-                    done += got
-                target.release()
+                start, size = page * PAGE_SIZE, (run - page) * PAGE_SIZE
+                piece = buffer[:size]
+                read_exactly_at(self.disk, piece, start, memory_file(self.mapping.slot))
+                write_all_at(self.memfd, piece, self.mapping.file_offset + start)
                 self.served[page:run] = b"\x01" * (run - page)
                 written += run - page
                 page = run
         return written
 
     def close(self) -> None:
-        try:
-            self.map.close()
-        except BufferError:
-            log.warning("slot %d: memory still in use; leaving it mapped", self.mapping.slot)
+        """Nothing to release: the memfd and the file belong to the restore."""
 
 
 @dataclass
@@ -447,6 +447,8 @@ class RestoreSender:
         self.result = RestoreResult(self.input_dir.absolute(), ondemand, resume)
         self._ended: queue.Queue[BaseException | None] = queue.Queue()
         self._count_lock = threading.Lock()
+        #: The first page this daemon could not serve (answered Error): why a VMM then refuses State or Complete.
+        self._serve_failure: ChmigError | None = None
 
     def run(self) -> RestoreResult:
         image = SnapshotImage(self.input_dir, self.limits)
@@ -508,13 +510,17 @@ class RestoreSender:
                 self._request_ok(channel, p.Request.state(len(image.state)), image.state)
             except ChmigError as exc:
                 if self.ondemand:
+                    if self._serve_failure is not None:
+                        raise self._refused_for(self._serve_failure, "State") from exc
                     raise MigrationError(f"{exc.message} (an on-demand restore needs a VMM receiving with "
                                          "memory_mode=postcopy)", where="State") from exc
                 raise
             try:
                 self._request_ok(channel, p.Request.complete() if self.resume else p.Request.complete_paused())
-            except PeerError:
-                raise  # refused: the VMM does not run the VM
+            except PeerError as exc:  # refused: the VMM does not run the VM
+                if self._serve_failure is not None:
+                    raise self._refused_for(self._serve_failure, "Complete") from exc
+                raise
             except ChmigError as exc:
                 if not self.ondemand:
                     raise MigrationError(f"Complete was sent but not acknowledged ({exc}): the VMM may be running "
@@ -528,6 +534,11 @@ class RestoreSender:
             self._wait_for_fault_connections()
 
     # -- on demand -------------------------------------------------------------------------------
+
+    @staticmethod
+    def _refused_for(failure: ChmigError, step: str) -> MigrationError:
+        """The VMM refused ``step`` because a page could not be served (its pull starts at State): say why."""
+        return MigrationError(f"serving pages failed: {failure} (so the VMM refused {step})", where="on-demand restore")
 
     def _open_fault_connections(self) -> None:
         """Open the Fault connections (before State: the VMM takes them when it handles State)."""
@@ -569,7 +580,16 @@ class RestoreSender:
             stop = min(end, slot.mapping.end)
             pieces.append((slot, gpa - slot.mapping.gpa, stop - gpa))
             gpa = stop
-        written = sum(slot.place(offset, length) for slot, offset, length in pieces)
+        try:
+            written = sum(slot.place(offset, length) for slot, offset, length in pieces)
+        except OSError as exc:  # answered Error like any failure to serve (the memfd cannot take the page)
+            failure = SnapshotError(f"cannot serve {page.gpa:#x}+{page.length:#x}: {exc.strerror or exc}",
+                                    where="on-demand restore")
+            self._serve_failure = self._serve_failure or failure
+            raise failure from None
+        except ChmigError as exc:  # (kept before the Error is answered: the VMM refuses only after it)
+            self._serve_failure = self._serve_failure or exc
+            raise
         with self._count_lock:
             self.result.page_faults += 1
             self.result.pages_served += written

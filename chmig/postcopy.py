@@ -610,11 +610,15 @@ class PostcopyPager:
                 minor.add(page)
         for page, count in waiting.items():
             gpa, shared = self._locate(page)
-            if page in minor:
-                # The page is in the memfd already (the peer wrote it there, or it was here and the kernel
-                # unmapped it): only map it.  A wake alone would bring the same fault back.
+            if page in minor and self.present.is_present(gpa):
+                # Ours already, and the kernel unmapped it: only map it again.  A wake alone would bring the
+                # same fault back.
                 self.uffd.continue_range(page, PAGE_SIZE)
-                self.stats.count(faulted=self.present.mark(gpa, PAGE_SIZE))
+            elif page in minor:
+                # In the memfd's page cache, but not known to be whole: the peer may be writing it right now
+                # (through its own mapping the page is visible before its bytes are).  Ask the peer, whose
+                # answer comes once the page is written, then map it (_fetch: Ok with length 0, CONTINUE).
+                self.stats.count(faulted=self._fetch(source, buffer, p.MemoryRange(gpa, PAGE_SIZE), page, shared))
                 self._check_whole()
             elif self.present.is_present(gpa):
                 # Resolved meanwhile (a pull, another vCPU's fault): make sure the waiter runs.
