@@ -24,7 +24,6 @@ from __future__ import annotations
 import bisect
 import ctypes
 import ctypes.util
-import errno
 import logging
 import mmap
 import os
@@ -35,6 +34,7 @@ from typing import Iterable, Iterator, Protocol
 from .errors import UsageError, VmError
 from .jsonlimits import U32_MAX, JsonRefused, get_bool, get_int, get_str
 from .protocol import DEFAULT_LIMITS, MemoryRange, MemoryRangeTable
+from .snapshot_dir import data_spans
 from .units import GiB, MiB, PAGE_SIZE
 
 log = logging.getLogger(__name__)
@@ -457,7 +457,7 @@ class GuestMemory:
         for region in self.regions:
             if region.fd >= 0:
                 # Every backing file holds the slot at its file_offset, whether the zone's or the slot's own.
-                spans = _data_spans(region.fd, region.mapping.file_offset, region.size)
+                spans = data_spans(region.fd, region.mapping.file_offset, region.size)
             else:
                 spans = _resident_spans(region.host_address, region.size)
             for offset, length in spans:
@@ -494,25 +494,6 @@ def host_available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
-
-
-def _data_spans(fd: int, offset: int, size: int) -> list[tuple[int, int]]:
-    """The non-hole parts of ``fd[offset:offset+size]``, relative to ``offset``."""
-    spans = []
-    pos, end = offset, offset + size
-    while pos < end:
-        try:
-            data = os.lseek(fd, pos, os.SEEK_DATA)
-        except OSError as exc:
-            if exc.errno == errno.ENXIO:  # no data after pos
-                break
-            raise
-        if data >= end:
-            break
-        hole = min(os.lseek(fd, data, os.SEEK_HOLE), end)
-        spans.append((data - offset, hole - data))
-        pos = hole
-    return spans
 
 
 def _resident_spans(address: int, size: int) -> list[tuple[int, int]]:

@@ -49,7 +49,7 @@ import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterable
 
 from .errors import ChmigError
 from .units import MiB, PAGE_SIZE

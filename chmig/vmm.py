@@ -353,7 +353,7 @@ class Vmm:
     def _watch_postcopy(self, pager: PostcopyPager, restore: bool = False) -> None:
         """Wait until the VM is whole (then close the Fault connections) or postcopy failed (then stop the VM
         and end the process non-zero: its missing pages exist only on the source; a failed on-demand restore
-        ends the process only when there is no API to report it, see :meth:`_restore_failed`)."""
+        ends the process only when there is no API to report it)."""
         pager.wait()
         if pager.stats.status == "whole":
             _reporting_stuck(pager.close, "postcopy")
@@ -365,46 +365,33 @@ class Vmm:
             return
         error = pager.error or "unknown failure"
         if restore:
-            self._restore_failed(pager, error)
+            self._stop_failed_vm(pager, "on-demand restore failed", error,
+                                 "it must never run on a page that did not come from the snapshot intact")
+            if self.exit_on_vm_failure:  # with an API, vm.info tells what happened and the VMM stays
+                self.exit_error = SnapshotError(f"memory_restore_mode=ondemand failed: {error}; the VM was "
+                                                "stopped", where="restore")
+                self.exit_code = 1
+                self.exit_event.set()
             return
-        vm = self.vm
-        log.error("postcopy failed: %s; stopping the VM, whose missing pages exist only on the source", error)
-        if vm is not None:
-            vm.halt(f"postcopy failed: {error}")
-        _reporting_stuck(pager.close, "postcopy")
-        if vm is not None:
-            _reporting_stuck(vm.shutdown, "postcopy")
-            log.error("the VM stopped: %s", vm.failure)
-        if self.migration is not None and self.migration.postcopy is pager.stats:
-            self.migration.status = "failed"
-            self.migration.error = f"postcopy failed: {error}"
+        self._stop_failed_vm(pager, "postcopy failed", error, "its missing pages exist only on the source")
         self.exit_error = PostcopyError(f"failed: {error}; the VM was stopped (its missing pages "
                                         "exist only on the source)", where="postcopy")
         self.exit_code = 1
         self.exit_event.set()
 
-    def _restore_failed(self, pager: PostcopyPager, error: str) -> None:
-        """An on-demand restore could not bring a page in (a corrupt or vanished snapshot): the VM cannot go on.
-
-        Stop it and say why in ``vm.info`` and the log; with no API to ask, end the process non-zero.
-        """
+    def _stop_failed_vm(self, pager: PostcopyPager, what: str, error: str, why: str) -> None:
+        """The pager could not bring a page in: stop the VM (it cannot go on), close the pager, record why."""
         vm = self.vm
-        log.error("on-demand restore failed: %s; stopping the VM (it must never run on a page that did not come "
-                  "from the snapshot intact)", error)
+        log.error("%s: %s; stopping the VM (%s)", what, error, why)
         if vm is not None:
-            vm.halt(f"restore failed: {error}")
-        _reporting_stuck(pager.close, "restore")
+            vm.halt(f"{what}: {error}")
+        _reporting_stuck(pager.close, what)
         if vm is not None:
-            _reporting_stuck(vm.shutdown, "restore")
+            _reporting_stuck(vm.shutdown, what)
             log.error("the VM stopped: %s", vm.failure)
         if self.migration is not None and self.migration.postcopy is pager.stats:
             self.migration.status = "failed"
-            self.migration.error = f"on-demand restore failed: {error}"
-        if self.exit_on_vm_failure:
-            self.exit_error = SnapshotError(f"memory_restore_mode=ondemand failed: {error}; the VM was stopped",
-                                            where="restore")
-            self.exit_code = 1
-            self.exit_event.set()
+            self.migration.error = f"{what}: {error}"
 
     def _stop_postcopy(self) -> None:
         """The VMM exits while postcopy runs: stop the VM first (its pages are not all here), then the pager."""
