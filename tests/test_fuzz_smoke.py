@@ -133,3 +133,31 @@ def test_pager_fuzz_smoke() -> None:
     assert not missing, f"the smoke no longer reaches these mutation kinds: {sorted(missing)}"
     ends = {o.end for o in outcomes}
     assert {"whole", "failed", "stopped"} <= ends, f"the smoke's cases ended only as {sorted(ends)}"
+
+
+# ---------------------------------------------------------------------------------------------
+# The offload daemon fuzzer (fuzz/offload.py): a hostile VMM against both ends of the daemon, in process
+# ---------------------------------------------------------------------------------------------
+
+OFFLOAD_SEED = 1
+#: Even cases fuzz the snapshot side, odd ones the on-demand restore; the first 300 of OFFLOAD_SEED reach every
+#: mutation kind of both (about 20 s: the stalls and silences wait for the daemon's 1 s timeouts).
+OFFLOAD_CASES = 300
+
+
+@pytest.mark.timeout(90)
+def test_offload_fuzz_smoke() -> None:
+    """A fixed-seed run of the offload fuzzer: no case fails, every mutation kind of both sides was played, and
+    the snapshot it restores from is unchanged on disk."""
+    from fuzz import offload
+
+    outcomes = list(offload.play(OFFLOAD_SEED, range(OFFLOAD_CASES)))
+    failed = [o for o in outcomes if not o.ok]
+    assert not failed, "\n".join(
+        f"case {o.index} [{o.side} {o.kind}]: {o.detail}\n  replay: python -m fuzz --target offload "
+        f"--seed {OFFLOAD_SEED} --only {o.index}" for o in failed)
+    reached = {(o.side, o.kind) for o in outcomes}
+    wanted = {("snapshot", kind) for kind in offload.SNAPSHOT_KINDS} | {("restore", kind)
+                                                                         for kind in offload.RESTORE_KINDS}
+    missing = wanted - reached
+    assert not missing, f"the smoke no longer reaches these mutation kinds: {sorted(missing)}"
