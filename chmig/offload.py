@@ -198,11 +198,8 @@ class SnapshotReceiver:
     def _receive(self, channel: Channel) -> None:
         while not self.machine.finished:
             state = self.machine.state
-            # A receiver waits in Configured as long as precopy runs over other connections; the daemon takes
-            # memory only as MemoryFds, so a VMM silent there is as stuck as anywhere else.
-            idle = p.receiver_idle_timeout(state, self.limits)
             try:
-                incoming = channel.read_request(self._admit, self.limits.stall_timeout_s if idle is None else idle)
+                incoming = channel.read_request(self._admit, p.offload_snapshot_idle_timeout(state, self.limits))
             except ConnectionClosed:
                 self.machine.fail()
                 raise MigrationError(f"the VMM closed the connection in state {state.value}: no snapshot",
@@ -219,7 +216,14 @@ class SnapshotReceiver:
                 self._refuse(channel, exc)
                 raise SnapshotError(f"{exc.strerror or exc}", where=incoming.command.wire_name) from exc
             self.machine.commit()
-            channel.answer_ok()
+            if self.machine.state is not p.ReceiverState.COMPLETED:
+                channel.answer_ok()
+                continue
+            try:
+                channel.answer_ok()
+            except ChmigError as exc:  # the snapshot is complete and in place: that is what counts
+                log.warning("the snapshot is complete, but the VMM did not take the Ok (%s): it reports the "
+                            "migration's outcome as unknown", exc)
         if self.machine.state is p.ReceiverState.ABORTED:
             raise MigrationError("the VMM abandoned the snapshot: nothing was written", where="snapshot")
 
@@ -338,47 +342,60 @@ class SnapshotImage:
 
 
 class OnDemandSlot:
-    """One slot of an on-demand restore: its memfd, empty at first, filled page by page from its file."""
+    """One slot of an on-demand restore: its memfd, empty at first, filled chunk by chunk from its file."""
+
+    #: Chunks share this many locks (a lock per chunk would be one per 2 MiB of RAM).
+    LOCKS = 64
 
     def __init__(self, mapping: p.SlotMapping, memfd: int, disk: int, verifier: ChunkVerifier) -> None:
         self.mapping = mapping
         self.memfd = memfd
         self.disk = disk
         self.verifier = verifier
-        #: One byte per page: served already.  A served page may be the guest's now: never written again.
+        #: One byte per page: written already.  A written page may be the guest's now: never written again.
         self.served = bytearray(mapping.size // PAGE_SIZE)
-        self.lock = threading.Lock()
+        #: One byte per page: asked for by the VMM (a VMM done with the restore has asked for every one).
+        self.asked = bytearray(mapping.size // PAGE_SIZE)
+        self._locks = [threading.Lock() for _ in range(self.LOCKS)]
 
     def place(self, offset: int, length: int) -> int:
-        """Write ``[offset, offset+length)`` of the slot (its unserved pages) into the memfd; return pages written.
+        """Make ``[offset, offset+length)`` of the slot present in the memfd; return the pages written.
 
-        Written with ``pwrite``, never through a mapping: the kernel keeps a page
-        locked until its bytes are in, so a VMM that maps it (``UFFDIO_CONTINUE``)
-        at that moment waits for them, where a page written through a mapping
-        is visible half-written.  The lock makes a second request for a page
-        being written wait, then find it served.
+        Each 2 MiB chunk the range touches is read from the file once, checked
+        against the manifest on those very bytes, and all its pages not served
+        yet are written from them: later requests in the chunk find their pages
+        served (no second read of the file, so nothing unverified is ever
+        written).  Writes use ``pwrite``, never a mapping: the kernel keeps a
+        page locked until its bytes are in, so a VMM that maps it
+        (``UFFDIO_CONTINUE``) meanwhile waits for them.  A chunk's lock makes a
+        second request for it wait, then find it served.
         """
-        # Verify first, outside the lock (hashing a 2 MiB chunk takes a millisecond or so).
-        self.verifier.check(offset, length)
         written = 0
-        first, count = offset // PAGE_SIZE, length // PAGE_SIZE
-        buffer = memoryview(bytearray(min(length, CHUNK_SIZE)))
-        with self.lock:
-            page = first
-            while page < first + count:
-                if self.served[page]:
-                    page += 1
-                    continue
-                run = page
-                while run < first + count and not self.served[run] and run - page < len(buffer) // PAGE_SIZE:
-                    run += 1
-                start, size = page * PAGE_SIZE, (run - page) * PAGE_SIZE
-                piece = buffer[:size]
-                read_exactly_at(self.disk, piece, start, memory_file(self.mapping.slot))
-                write_all_at(self.memfd, piece, self.mapping.file_offset + start)
-                self.served[page:run] = b"\x01" * (run - page)
-                written += run - page
-                page = run
+        pages_per_chunk = CHUNK_SIZE // PAGE_SIZE
+        buffer: memoryview | None = None
+        self.asked[offset // PAGE_SIZE : (offset + length) // PAGE_SIZE] = b"\x01" * (length // PAGE_SIZE)
+        for index in range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1):
+            first = index * pages_per_chunk
+            last = min(first + pages_per_chunk, len(self.served))
+            if self.served.find(0, first, last) < 0:
+                continue
+            with self._locks[index % self.LOCKS]:
+                if self.served.find(0, first, last) < 0:
+                    continue  # served while this one waited
+                if buffer is None:
+                    buffer = memoryview(bytearray(CHUNK_SIZE))
+                chunk = buffer[: (last - first) * PAGE_SIZE]
+                read_exactly_at(self.disk, chunk, first * PAGE_SIZE, memory_file(self.mapping.slot))
+                self.verifier.check_bytes(index, chunk)
+                page = self.served.find(0, first, last)
+                while 0 <= page < last:
+                    run = self.served.find(1, page, last)
+                    run = last if run < 0 else run
+                    write_all_at(self.memfd, chunk[(page - first) * PAGE_SIZE : (run - first) * PAGE_SIZE],
+                                 self.mapping.file_offset + page * PAGE_SIZE)
+                    self.served[page:run] = b"\x01" * (run - page)
+                    written += run - page
+                    page = self.served.find(0, run, last)
         return written
 
     def close(self) -> None:
@@ -514,6 +531,9 @@ class RestoreSender:
                         raise self._refused_for(self._serve_failure, "State") from exc
                     raise MigrationError(f"{exc.message} (an on-demand restore needs a VMM receiving with "
                                          "memory_mode=postcopy)", where="State") from exc
+                if isinstance(exc, PeerError):
+                    raise MigrationError(f"{exc.message} (a VMM receiving with memory_mode=postcopy waits for "
+                                         "pages on demand: restore with --ondemand)", where="State") from exc
                 raise
             try:
                 self._request_ok(channel, p.Request.complete() if self.resume else p.Request.complete_paused())
@@ -604,9 +624,9 @@ class RestoreSender:
                 self.result.errors.append(str(error))
         if self.result.errors:
             raise MigrationError(f"serving pages failed: {self.result.errors[0]}", where="on-demand restore")
-        missing = sum(slot.served.count(0) for slot in self.slots)
+        missing = sum(slot.asked.count(0) for slot in self.slots)
         if missing:  # every connection closed cleanly, yet pages were never asked for: the VMM is not whole
-            total = sum(len(slot.served) for slot in self.slots)
+            total = sum(len(slot.asked) for slot in self.slots)
             raise MigrationError(f"the VMM closed every Fault connection with {missing} of {total} pages never "
                                  "asked for: it cannot have the whole VM (did it fail?)", where="on-demand restore")
 

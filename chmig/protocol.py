@@ -877,6 +877,18 @@ OFFLOAD_SNAPSHOT_REFUSED: dict[Command, str] = {
 _U64_MAX = (1 << 64) - 1
 
 
+def offload_snapshot_idle_timeout(state: ReceiverState, limits: Limits = DEFAULT_LIMITS) -> float:
+    """How long the snapshot daemon lets the VMM be silent before the next request, in ``state``.
+
+    As a receiver's (:data:`RECEIVER_IDLE_TIMEOUTS`), except in Configured: a
+    receiver waits there as long as precopy runs over other connections, but
+    the daemon takes memory only as MemoryFds, so a silent VMM is stuck there
+    as anywhere else.
+    """
+    idle = receiver_idle_timeout(state, limits)
+    return limits.stall_timeout_s if idle is None else idle
+
+
 def check_offload_snapshot_request(request: Request) -> None:
     """May the snapshot daemon take ``request``?  (After the state machine allowed it, before its payload.)"""
     reason = OFFLOAD_SNAPSHOT_REFUSED.get(request.command)

@@ -538,6 +538,16 @@ class ChunkVerifier:
             raise SnapshotCorrupt(f"{self.name}: bytes {start}..{end} do not match the manifest (chunk {index}): "
                                   "the snapshot is corrupt", where=str(self.directory))
 
+    def check_bytes(self, index: int, data: memoryview) -> None:
+        """Check chunk ``index`` on ``data``, its bytes as read by the caller (who then uses exactly those)."""
+        if self.entry is None:
+            return
+        if _digest(data) != self.entry.chunks[index]:
+            start = index * CHUNK_SIZE
+            raise SnapshotCorrupt(f"{self.name}: bytes {start}..{start + len(data)} do not match the manifest "
+                                  f"(chunk {index}): the snapshot is corrupt", where=str(self.directory))
+        self._verified[index] = 1
+
     def copy_verified(self, out_fd: int, out_offset: int) -> int:
         """Copy the whole file into ``out_fd`` at ``out_offset``, checking each chunk on the bytes copied.
 

@@ -33,7 +33,8 @@ hostile request — outside every slot, in the gap, past the end, at 2^64, wrapp
 1 GiB, another command, a wrong length, an unknown command, a truncated request, a corrupt chunk, a page
 of a memfd the VMM has shrunk — or an early close.  Checks: Error answered for every bad request; the daemon ends within a bound, successfully
 exactly when every page was asked for and every connection closed cleanly; every page of the memfds holds
-what the snapshot holds if it was served, zeros if it was never asked for, and the marker if it was written
+what the snapshot holds if it was served (or its 2 MiB chunk was: the daemon writes whole chunks), zeros if it
+was never asked for, and the marker if it was written
 after being served (never rewritten); the snapshot's files unchanged; no fd, no thread left behind.
 """
 
@@ -1268,7 +1269,7 @@ def _faults(plan: RestorePlan, vmm: _Vmm) -> None:
             # What was served past the new end is gone (the VMM's doing): those pages hold nothing now, and the
             # daemon, which never writes a page twice, leaves them so.
             lost = {page for page in range(spec.gpa // PAGE + keep, (spec.gpa + spec.size) // PAGE)}
-            vmm.maybe |= vmm.served & lost
+            vmm.maybe |= (vmm.served | _written_pages(vmm)) & lost
             vmm.served -= lost
             for page in lost:
                 vmm.markers.pop(page, None)
@@ -1337,8 +1338,13 @@ def run_restore_case(seed: int, index: int, workdir: Path, fixture: RestoreFixtu
                     problems.append(line)
                 if plan.error_says and plan.error_says not in str(result):
                     problems.append(f"the daemon's error does not say {plan.error_says!r}: {result}")
-        if not vmm.maybe and sender.result.pages_served != len(vmm.served) and vmm.maps:
-            problems.append(f"{sender.result.pages_served} pages written for {len(vmm.served)} distinct pages asked")
+        written_chunks = _served_chunks(vmm)
+        if not vmm.maybe and vmm.maps and sender.result.pages_served != sum(
+                min(CHUNK_PAGES, spec.size // PAGE - chunk * CHUNK_PAGES)
+                for spec in RESTORE_SLOTS for chunk in range(-(-spec.size // (CHUNK_PAGES * PAGE)))
+                if (spec.slot, chunk) in written_chunks):
+            problems.append(f"{sender.result.pages_served} pages written, not the pages of the {len(written_chunks)} "
+                            "chunks asked from")
         problems += _check_memory(vmm)
         leftover = [t.name for t in threading.enumerate() if t.name.startswith("offload-fault")]
         if leftover:
@@ -1358,10 +1364,38 @@ def run_restore_case(seed: int, index: int, workdir: Path, fixture: RestoreFixtu
 RAM_PAGES = sum(s.size for s in RESTORE_SLOTS) // PAGE
 
 
+#: The daemon writes whole chunks of a slot's file (2 MiB from the slot's start): this many pages.
+CHUNK_PAGES = CHUNK_SIZE // PAGE
+
+
+def _served_chunks(vmm: _Vmm, pages: set[int] | None = None) -> set[tuple[int, int]]:
+    """(slot, chunk) of every page asked for (or of ``pages``): the daemon writes all of a chunk's pages at once."""
+    chunks = set()
+    for spec in RESTORE_SLOTS:
+        first = spec.gpa // PAGE
+        for page in vmm.served if pages is None else pages:
+            if first <= page < first + spec.size // PAGE:
+                chunks.add((spec.slot, (page - first) // CHUNK_PAGES))
+    return chunks
+
+
+def _written_pages(vmm: _Vmm) -> set[int]:
+    """Every page the daemon has written by now: all pages of the chunks asked from."""
+    pages = set()
+    for slot, chunk in _served_chunks(vmm):
+        spec = next(s for s in RESTORE_SLOTS if s.slot == slot)
+        first = spec.gpa // PAGE + chunk * CHUNK_PAGES
+        pages.update(range(first, min(first + CHUNK_PAGES, (spec.gpa + spec.size) // PAGE)))
+    return pages
+
+
 def _check_memory(vmm: _Vmm) -> list[str]:
-    """Served pages hold the snapshot's bytes (or the marker written after), others zeros; nothing before a
-    slot's file_offset."""
+    """Served pages hold the snapshot's bytes (or the marker written after); the other pages of a chunk asked
+    from hold them too (the daemon writes whole chunks); all others are zeros; nothing before a slot's
+    file_offset."""
     problems: list[str] = []
+    chunks = _served_chunks(vmm)
+    maybe_chunks = _served_chunks(vmm, set(vmm.maybe))
     for spec in RESTORE_SLOTS:
         fd = vmm.memfds.get(spec.slot)
         if fd is None or spec.slot not in vmm.maps:
@@ -1379,9 +1413,13 @@ def _check_memory(vmm: _Vmm) -> list[str]:
             elif page in vmm.served:
                 ok = got == want
                 what = "a served page does not hold the snapshot's bytes"
-            elif page in vmm.maybe:  # part of a refused request: nothing, or the right bytes
+            elif page in vmm.maybe or (spec.slot, n // CHUNK_PAGES) in maybe_chunks:
+                # part of a refused request (or of a chunk it touched): nothing, or the right bytes
                 ok = got == want or not got.strip(b"\0")
                 what = "a page of a refused request holds wrong bytes"
+            elif (spec.slot, n // CHUNK_PAGES) in chunks:
+                ok = got == want
+                what = "a page of a chunk asked from does not hold the snapshot's bytes"
             else:
                 ok = not got.strip(b"\0")
                 what = "a page never asked for was written"
