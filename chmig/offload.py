@@ -41,6 +41,7 @@ import bisect
 import logging
 import os
 import queue
+import re
 import stat
 import threading
 import time
@@ -77,6 +78,11 @@ STATE_FILE = "state.json"
 def memory_file(slot: int) -> str:
     """The file that holds one slot's bytes (``memory-<slot>``)."""
     return f"memory-{slot}"
+
+
+def is_snapshot_file(name: str) -> bool:
+    """A file of the daemon's snapshot format (an earlier snapshot at the target may be replaced, nothing else)."""
+    return name in (MIGRATION_CONFIG_FILE, STATE_FILE) or re.fullmatch(r"memory-[0-9]+", name) is not None
 
 
 def _memfd(size: int, name: str) -> int:
@@ -153,7 +159,7 @@ class SnapshotReceiver:
                     os.unlink(self.socket_path)
             except FileNotFoundError:
                 pass
-            self._writer = SnapshotWriter(self.output_dir)
+            self._writer = SnapshotWriter(self.output_dir, is_snapshot_file)
             try:
                 self.listener = listen(Url.unix(self.socket_path))
                 if on_listening is not None:
@@ -352,50 +358,43 @@ class OnDemandSlot:
         self.memfd = memfd
         self.disk = disk
         self.verifier = verifier
-        #: One byte per page: written already.  A written page may be the guest's now: never written again.
-        self.served = bytearray(mapping.size // PAGE_SIZE)
-        #: One byte per page: asked for by the VMM (a VMM done with the restore has asked for every one).
-        self.asked = bytearray(mapping.size // PAGE_SIZE)
+        chunks = -(-mapping.size // CHUNK_SIZE)
+        #: One byte per 2 MiB chunk: written already.  A written page may be the guest's now: never written again.
+        self.served = bytearray(chunks)
+        #: One byte per chunk: asked from by the VMM (a VMM done with the restore has asked from every one).
+        self.asked = bytearray(chunks)
         self._locks = [threading.Lock() for _ in range(self.LOCKS)]
 
     def place(self, offset: int, length: int) -> int:
         """Make ``[offset, offset+length)`` of the slot present in the memfd; return the pages written.
 
         Each 2 MiB chunk the range touches is read from the file once, checked
-        against the manifest on those very bytes, and all its pages not served
-        yet are written from them: later requests in the chunk find their pages
-        served (no second read of the file, so nothing unverified is ever
-        written).  Writes use ``pwrite``, never a mapping: the kernel keeps a
-        page locked until its bytes are in, so a VMM that maps it
-        (``UFFDIO_CONTINUE``) meanwhile waits for them.  A chunk's lock makes a
-        second request for it wait, then find it served.
+        against the manifest on those very bytes, and written whole: later
+        requests in the chunk find it served (no second read of the file, so
+        nothing unverified is ever written).  Writes use ``pwrite``, never a
+        mapping: the kernel keeps a page locked until its bytes are in, so a VMM
+        that maps it (``UFFDIO_CONTINUE``) meanwhile waits for them.  A chunk's
+        lock makes a second request for it wait, then find it served.
         """
         written = 0
-        pages_per_chunk = CHUNK_SIZE // PAGE_SIZE
+        first, last = offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE
+        self.asked[first : last + 1] = b"\x01" * (last + 1 - first)
         buffer: memoryview | None = None
-        self.asked[offset // PAGE_SIZE : (offset + length) // PAGE_SIZE] = b"\x01" * (length // PAGE_SIZE)
-        for index in range(offset // CHUNK_SIZE, (offset + length - 1) // CHUNK_SIZE + 1):
-            first = index * pages_per_chunk
-            last = min(first + pages_per_chunk, len(self.served))
-            if self.served.find(0, first, last) < 0:
+        for index in range(first, last + 1):
+            if self.served[index]:
                 continue
             with self._locks[index % self.LOCKS]:
-                if self.served.find(0, first, last) < 0:
+                if self.served[index]:
                     continue  # served while this one waited
                 if buffer is None:
                     buffer = memoryview(bytearray(CHUNK_SIZE))
-                chunk = buffer[: (last - first) * PAGE_SIZE]
-                read_exactly_at(self.disk, chunk, first * PAGE_SIZE, memory_file(self.mapping.slot))
+                start = index * CHUNK_SIZE
+                chunk = buffer[: min(CHUNK_SIZE, self.mapping.size - start)]
+                read_exactly_at(self.disk, chunk, start, memory_file(self.mapping.slot))
                 self.verifier.check_bytes(index, chunk)
-                page = self.served.find(0, first, last)
-                while 0 <= page < last:
-                    run = self.served.find(1, page, last)
-                    run = last if run < 0 else run
-                    write_all_at(self.memfd, chunk[(page - first) * PAGE_SIZE : (run - first) * PAGE_SIZE],
-                                 self.mapping.file_offset + page * PAGE_SIZE)
-                    self.served[page:run] = b"\x01" * (run - page)
-                    written += run - page
-                    page = self.served.find(0, run, last)
+                write_all_at(self.memfd, chunk, self.mapping.file_offset + start)
+                self.served[index] = 1
+                written += len(chunk) // PAGE_SIZE
         return written
 
     def close(self) -> None:
@@ -483,10 +482,10 @@ class RestoreSender:
             self.threads.stop()
             raise
         finally:
-            _close_all(memfds.values())
             try:
-                self.threads.close(timeout=10)
+                self.threads.close(timeout=10)  # first: a serving thread may still be writing into a memfd
             finally:
+                _close_all(memfds.values())
                 for slot in self.slots:
                     slot.close()
                 image.close()
@@ -625,10 +624,11 @@ class RestoreSender:
         if self.result.errors:
             raise MigrationError(f"serving pages failed: {self.result.errors[0]}", where="on-demand restore")
         missing = sum(slot.asked.count(0) for slot in self.slots)
-        if missing:  # every connection closed cleanly, yet pages were never asked for: the VMM is not whole
+        if missing:  # every connection closed cleanly, yet memory was never asked for: the VMM is not whole
             total = sum(len(slot.asked) for slot in self.slots)
-            raise MigrationError(f"the VMM closed every Fault connection with {missing} of {total} pages never "
-                                 "asked for: it cannot have the whole VM (did it fail?)", where="on-demand restore")
+            raise MigrationError(f"the VMM closed every Fault connection with {missing} of {total} 2 MiB chunks never "
+                                 "asked from: it cannot have the whole VM (did it fail, or shut it down?)",
+                                 where="on-demand restore")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -650,7 +650,8 @@ def add_arguments(offload: argparse.ArgumentParser) -> None:
                                                                "paused (CompletePaused)")
     restore.add_argument("--ondemand", action="store_true",
                          help="send empty memory and serve pages on demand (the VMM receives with "
-                              "memory_mode=postcopy)")
+                              "memory_mode=postcopy); exit 0 once the VMM has asked from all memory and closed "
+                              "its Fault connections")
     restore.add_argument("--fault-connections", type=int, default=1, metavar="N",
                          help="--ondemand: Fault connections to open (default 1, as the reference daemon; more "
                               "lets a chmig VMM pull in the background while faults are served)")

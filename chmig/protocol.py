@@ -120,6 +120,8 @@ class Limits:
     max_page_fault_bytes: int = _limit(1 * GiB, "largest range one PageFault may ask for")
     max_connections: int = _limit(128, "additional connections per migration (connections=N, N in 1..128)")
     max_slots: int = _limit(512, "RAM slots of one VM, and so MemoryFd requests of one migration")
+    max_guest_ram: int = _limit(16 * 1024 * GiB, "guest RAM the offload daemon accepts in a Config (its memfds and "
+                                "chunk bitmaps grow with it)")
     max_cpuid_entries: int = _limit(256, "entries of common_cpuid in a Config (KVM_MAX_CPUID_ENTRIES)")
     role_timeout_s: float = _limit(10.0, "wait for the 2-byte role of an additional connection")
     fault_connection_wait_s: float = _limit(30.0, "wait of a postcopy destination for the source's Fault connection")
@@ -928,6 +930,9 @@ def parse_slot_mappings(config: object, limits: Limits = DEFAULT_LIMITS) -> list
         if mapping.end > _U64_MAX or mapping.file_offset + mapping.size > _U64_MAX:
             raise ProtocolError(f"slot {mapping.slot} goes beyond 2^64", where=where)
         mappings.append(mapping)
+    total = sum(m.size for m in mappings)
+    if total > limits.max_guest_ram:
+        raise ProtocolError(f"guest RAM of {total} bytes is more than the {limits.max_guest_ram} accepted", where=where)
     if len({m.slot for m in mappings}) != len(mappings):
         raise ProtocolError("two guest_ram_mappings entries have the same slot", where=where)
     ordered = sorted(mappings, key=lambda m: m.gpa)

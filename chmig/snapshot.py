@@ -93,6 +93,7 @@ from .postcopy import PostcopyPager, PostcopyStats, Prefetch
 from .snapshot_dir import (
     MANIFEST,
     ChunkVerifier,
+    VerifiedReader,
     Manifest,
     SnapshotCorrupt,
     SnapshotError,
@@ -247,33 +248,19 @@ def _ranges_to_save(memory: GuestMemory) -> list[tuple[int, int]]:
     return ranges
 
 
-def _check_target(directory: Path) -> None:
-    """Refuse a target whose replacement would destroy something that is not a snapshot."""
-    if not directory.exists():
-        if not directory.parent.is_dir():
-            raise SnapshotError("its parent directory does not exist", where=str(directory))
-        return
-    if not directory.is_dir():
-        raise SnapshotError("exists and is not a directory", where=str(directory))
-    foreign = sorted(name for name in os.listdir(directory) if name not in SNAPSHOT_FILES)
-    if foreign:
-        raise SnapshotError(f"holds {foreign[0]!r}, which is not a snapshot file: refusing to replace the "
-                            "directory (give an empty or new directory, or an earlier snapshot's)",
-                            where=str(directory))
-
-
 def write_snapshot(vm: Vm, destination_url: str) -> SnapshotResult:
     """Write the paused ``vm`` to the directory of ``destination_url``; the caller keeps it paused meanwhile."""
     directory = url_to_path(destination_url, "destination_url").resolve()
     if vm.state != VmState.PAUSED:
         raise VmError(f"cannot snapshot a VM that is {vm.state}: pause it first (Cloud Hypervisor: "
                       "\"Trying to snapshot while VM is running\")")
-    _check_target(directory)
     begin = time.monotonic()
     migration = vm.migration_config()
     memory = vm.memory
     views: list[memoryview] = []
-    writer = SnapshotWriter(directory)
+    if not directory.exists() and not directory.parent.is_dir():
+        raise SnapshotError("its parent directory does not exist", where=str(directory))
+    writer = SnapshotWriter(directory, lambda name: name in SNAPSHOT_FILES)
     try:
         pieces: list[tuple[int, int, int] | memoryview] = []
         ranges: list[dict[str, int]] = []
@@ -436,7 +423,11 @@ class SavedMemory:
         self._readers = readers
         self._lock = threading.Lock()
 
-    def read(self, gpa: int, into: memoryview) -> None:
+    def reader(self) -> VerifiedReader:
+        """A reader of memory-ranges for one thread."""
+        return VerifiedReader(self.verifier)
+
+    def read(self, gpa: int, into: memoryview, reader: VerifiedReader) -> None:
         """Guest RAM ``[gpa, gpa+len(into))`` as the snapshot has it: verified chunks, zeros where nothing was saved."""
         end = gpa + len(into)
         index = bisect.bisect_right(self._starts, gpa) - 1
@@ -449,24 +440,14 @@ class SavedMemory:
             _zero(into[position - gpa : low - gpa])
             at = saved.offset + (low - saved.gpa)
             try:
-                # Verified before a byte of it is used: a corrupt chunk fails the restore, never the guest.
-                self.verifier.check(at, high - low)
-                self._read_exact(into[low - gpa : high - gpa], at)
+                # Checked on the very bytes used: a corrupt chunk fails the restore, never the guest.
+                reader.read(at, into[low - gpa : high - gpa])
             except OSError as exc:
                 raise SnapshotError(f"cannot read {MEMORY_FILE} at byte {at}: {exc.strerror or exc}",
                                     where=str(self.directory)) from None
             position = high
             index += 1
         _zero(into[position - gpa :])
-
-    def _read_exact(self, into: memoryview, offset: int) -> None:
-        done = 0
-        while done < len(into):
-            got = os.preadv(self.fd, [into[done:]], offset + done)
-            if got == 0:
-                raise SnapshotError(f"{MEMORY_FILE} ends at byte {offset + done}, before the ranges of {STATE_FILE} "
-                                    "do (was it truncated during the restore?)", where=str(self.directory))
-            done += got
 
     def release(self) -> None:
         with self._lock:
@@ -494,12 +475,13 @@ class FileSource:
     def __init__(self, saved: SavedMemory, name: str) -> None:
         self.saved = saved
         self.name = name
+        self._reader = saved.reader()
         self._closed = False
 
     def request_page(self, page: p.MemoryRange, into: memoryview | None) -> int:
         if into is None or len(into) != page.length:
             raise InternalError(f"{self.name}: no buffer of {page.length} bytes for {page.gpa:#x}", where="restore")
-        self.saved.read(page.gpa, into)
+        self.saved.read(page.gpa, into, self._reader)
         return page.length
 
     def set_timeout(self, seconds: float | None) -> None:
@@ -608,15 +590,13 @@ class Restore:
     def _build(self, image: SnapshotImage, destination: Destination) -> None:
         self.stats.verified = image.verified
         self.stats.snapshot_bytes = image.size
-        if self.config.memory_restore_mode == COPY:
-            begin = time.monotonic()
-            image.verifier.check_all()  # the whole file, before anything of the VM exists
-            self.stats.verify_ms = round((time.monotonic() - begin) * 1000, 3)
         self._check_cancelled()
         vm = _from_snapshot(image, CONFIG_FILE, lambda: destination.configure(image.config_payload()))
         image.check_inside(vm.memory)
         if self.config.memory_restore_mode == COPY:
-            self._copy(image, destination)
+            begin = time.monotonic()
+            self._copy(image, destination)  # checked as it is copied, before the VM ever runs
+            self.stats.verify_ms = round((time.monotonic() - begin) * 1000, 3)
         else:
             self._page_in(image, vm)
         self._check_cancelled()
@@ -635,11 +615,14 @@ class Restore:
         if self.config.prefault:
             for region in memory.regions:
                 memory.populate_range(region.gpa, region.size)
+        reader = VerifiedReader(image.verifier)
         for saved in image.ranges:
             self._check_cancelled()
-            # Fresh guest RAM is zeros already: the file's holes need no reading, and stay unallocated.
+            # Fresh guest RAM is zeros already: the file's holes need no copying, and stay unallocated.  Every
+            # byte copied was checked against the manifest as it was read (a corrupt chunk fails the restore).
             for start, length in data_spans(image.fd, saved.offset, saved.length):
-                destination.fill_from_file(saved.gpa + start, length, image.fd, saved.offset + start)
+                with memory.view(saved.gpa + start, length) as view:
+                    reader.read(saved.offset + start, view)
                 self.stats.total_bytes += length
 
     def _page_in(self, image: SnapshotImage, vm: Vm) -> None:

@@ -45,11 +45,12 @@ import logging
 import os
 import secrets
 import shutil
+import stat
 import struct
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 from .errors import ChmigError
 from .units import MiB, PAGE_SIZE
@@ -206,8 +207,8 @@ class Manifest:
                 if sha is not None and not isinstance(sha, str):
                     raise ValueError(f"bad digest for {name}")
                 files[name] = FileEntry(size, sha, chunks)
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise SnapshotCorrupt(f"unreadable manifest: {exc}", where=str(path)) from None
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as exc:
+            raise SnapshotCorrupt(f"unreadable manifest: {exc!s:.200}", where=str(path)) from None
         return cls(files)
 
     def entry(self, name: str) -> FileEntry | None:
@@ -231,13 +232,36 @@ def manifest_limit(directory: Path) -> int:
     return MAX_MANIFEST_BYTES + chunks * MANIFEST_BYTES_PER_CHUNK
 
 
+def open_regular(path: Path) -> int:
+    """Open a snapshot file for reading: a regular file, or a clear error (a FIFO must not block us, a
+    directory must not be read).  FileNotFoundError passes through."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise SnapshotError(f"cannot open: {exc.strerror or exc}", where=str(path)) from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotError("is not a regular file", where=str(path))
+    os.set_blocking(fd, True)
+    return fd
+
+
 def read_small_file(path: Path, limit: int = MAX_JSON_FILE_BYTES) -> bytes:
     """A whole (JSON) file of at most ``limit`` bytes.  FileNotFoundError passes through."""
-    with open(path, "rb") as file:
-        size = os.fstat(file.fileno()).st_size
+    fd = open_regular(path)
+    try:
+        size = os.fstat(fd).st_size
         if size > limit:
             raise SnapshotError(f"is {size} bytes, more than the {limit} allowed", where=str(path))
-        return file.read(limit + 1)
+        data = bytearray(size)
+        read_exactly_at(fd, memoryview(data), 0, str(path))
+        return bytes(data)
+    except OSError as exc:
+        raise SnapshotError(f"cannot read: {exc.strerror or exc}", where=str(path)) from None
+    finally:
+        os.close(fd)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,20 +296,52 @@ class SnapshotWriter:
     next writer to the same target removes if its process is gone.
     """
 
-    def __init__(self, target: str | os.PathLike[str]) -> None:
-        self.target = Path(target).absolute()
-        if self.target.exists() and not self.target.is_dir():
-            raise SnapshotError("exists and is not a directory", where=str(self.target))
+    def __init__(self, target: str | os.PathLike[str], snapshot_file: Callable[[str], bool]) -> None:
+        """Prepare to write ``target``; ``snapshot_file(name)`` tells a file of this snapshot format.
+
+        Refused at once (before any VMM connects): a target that is not a
+        directory, one that holds anything but an earlier snapshot's files
+        (replacing it would destroy them), and a mount point (the snapshot is
+        written beside the target and renamed into place, on one filesystem).
+        A symlink is followed: the directory it names is the target.
+        """
+        self.target = Path(target).resolve()
+        self._check_target(snapshot_file)
+        created = []
+        ancestor = self.target.parent
+        while not ancestor.exists():
+            created.append(ancestor)
+            ancestor = ancestor.parent
         try:
             self.target.parent.mkdir(parents=True, exist_ok=True)
+            for directory in reversed(created):  # a new directory lasts only once its parent is fsynced
+                _fsync_path(directory.parent)
             self._remove_dead_partials()
             self.path = self.target.parent / f".{self.target.name}.partial-{os.getpid()}-{secrets.token_hex(4)}"
-            self.path.mkdir(mode=0o700)
+            self.path.mkdir(mode=0o700)  # guest memory is secret: only this user may read the snapshot
         except OSError as exc:
             raise SnapshotError(f"cannot create the snapshot directory: {exc.strerror or exc}",
                                 where=str(self.target)) from None
         self.manifest = Manifest()
         self._committed = False
+
+    def _check_target(self, snapshot_file: Callable[[str], bool]) -> None:
+        if not self.target.exists():
+            return
+        if not self.target.is_dir():
+            raise SnapshotError("exists and is not a directory", where=str(self.target))
+        try:
+            foreign = sorted(name for name in os.listdir(self.target) if name != MANIFEST and not snapshot_file(name))
+            on_its_own = os.stat(self.target).st_dev != os.stat(self.target.parent).st_dev
+        except OSError as exc:
+            raise SnapshotError(f"cannot inspect the target: {exc.strerror or exc}", where=str(self.target)) from None
+        if foreign:
+            raise SnapshotError(f"holds {foreign[0]!r}, which is not a snapshot file: refusing to replace the "
+                                "directory (give an empty or new directory, or an earlier snapshot's)",
+                                where=str(self.target))
+        if on_its_own:
+            raise SnapshotError("is a mount point: the snapshot is written beside it and renamed into place, which "
+                                "needs one filesystem (give a directory inside it)", where=str(self.target))
 
     def _remove_dead_partials(self) -> None:
         """Partial directories of this target left by writers that died (their PID is gone)."""
@@ -557,7 +613,13 @@ class ChunkVerifier:
         """
         buffer = memoryview(bytearray(CHUNK_SIZE))
         copied = 0
-        for index, start in enumerate(range(0, self.size, CHUNK_SIZE)):
+        # With a manifest every chunk is checked (a hole's digest too; the manifest, read whole, bounds their
+        # number); without one only the chunks holding data are visited.
+        indexes = (range(-(-self.size // CHUNK_SIZE)) if self.entry is not None
+                   else sorted({i for at, length in self._data for i in range(at // CHUNK_SIZE,
+                                                                               (at + length - 1) // CHUNK_SIZE + 1)}))
+        for index in indexes:
+            start = index * CHUNK_SIZE
             end = min(start + CHUNK_SIZE, self.size)
             spans = _clip(self._data, start, end)
             if not spans:
@@ -580,6 +642,52 @@ class ChunkVerifier:
         return copied
 
 
+class VerifiedReader:
+    """Reads a memory file so that every byte handed out was checked against the manifest *as read*.
+
+    Whole chunks are read into a buffer, checked on those bytes
+    (:meth:`ChunkVerifier.check_bytes`) and served from it, with the last few
+    chunks kept: no byte is read a second time after its check, so a file
+    changed under a restore cannot slip unverified bytes into guest RAM.  One
+    reader per thread.  Without a manifest nothing is checked, only read.
+    """
+
+    def __init__(self, verifier: ChunkVerifier, cached_chunks: int = 4) -> None:
+        self.verifier = verifier
+        self.cached_chunks = cached_chunks
+        self._cache: dict[int, memoryview] = {}
+
+    def read(self, offset: int, into: memoryview) -> None:
+        """Fill ``into`` with the file's bytes from ``offset``."""
+        done = 0
+        while done < len(into):
+            index, start = divmod(offset + done, CHUNK_SIZE)
+            chunk = self._chunk(index)
+            count = min(len(chunk) - start, len(into) - done)
+            if count <= 0:
+                raise SnapshotError(f"{self.verifier.name} ends before byte {offset + done}",
+                                    where=str(self.verifier.directory))
+            into[done : done + count] = chunk[start : start + count]
+            done += count
+
+    def _chunk(self, index: int) -> memoryview:
+        chunk = self._cache.get(index)
+        if chunk is not None:
+            return chunk
+        start = index * CHUNK_SIZE
+        chunk = memoryview(bytearray(max(0, min(CHUNK_SIZE, self.verifier.size - start))))
+        try:
+            read_exactly_at(self.verifier.fd, chunk, start, self.verifier.name)
+        except OSError as exc:
+            raise SnapshotError(f"cannot read {self.verifier.name} at byte {start}: {exc.strerror or exc}",
+                                where=str(self.verifier.directory)) from None
+        self.verifier.check_bytes(index, chunk)
+        if len(self._cache) >= self.cached_chunks:
+            self._cache.pop(next(iter(self._cache)))
+        self._cache[index] = chunk
+        return chunk
+
+
 def open_memory_file(directory: Path, name: str, manifest: Manifest | None,
                      expected_size: int | None = None) -> tuple[int, ChunkVerifier]:
     """Open a memory file for reading, its size checked; the caller closes the fd."""
@@ -591,10 +699,12 @@ def open_memory_file(directory: Path, name: str, manifest: Manifest | None,
         raise SnapshotError(f"{name} has {size} bytes, the snapshot's configuration says {expected_size} "
                             "(truncated?)", where=str(directory))
     try:
-        fd = os.open(directory / name, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise SnapshotError(f"cannot open {name}: {exc.strerror or exc}", where=str(directory)) from None
+        fd = open_regular(directory / name)
+    except FileNotFoundError:
+        raise SnapshotError(f"{name} is missing", where=str(directory)) from None
     try:
+        if os.fstat(fd).st_size != size:  # replaced since it was measured
+            raise SnapshotError(f"{name} changed while it was opened", where=str(directory))
         return fd, ChunkVerifier(directory, name, fd, entry)
     except BaseException:
         os.close(fd)

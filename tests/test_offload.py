@@ -49,7 +49,7 @@ from chmig.api import ApiError
 from chmig import offload
 from chmig.channel import Channel, IncomingRequest
 from chmig.harness import Processes, VmmProcess
-from chmig.offload import SnapshotImage, SnapshotReceiver
+from chmig.offload import SnapshotImage, SnapshotReceiver, is_snapshot_file
 from chmig.snapshot_dir import CHUNK_SIZE, SnapshotWriter, verify_directory
 from chmig.transport import Url, connect
 
@@ -723,7 +723,7 @@ def test_only_the_targets_own_dead_partials_are_removed(tmp_path: Path) -> None:
     alive = tmp_path / f".snap[1].partial-{os.getpid()}-0123abcd"
     for path in (own, other, alive):
         path.mkdir()
-    writer = SnapshotWriter(tmp_path / "snap[1]")
+    writer = SnapshotWriter(tmp_path / "snap[1]", is_snapshot_file)
     try:
         assert not own.exists(), "the target's partial directory of a dead process was not removed"
         assert other.exists(), "another target's partial directory was removed"

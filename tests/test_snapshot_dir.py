@@ -12,6 +12,7 @@ import pytest
 
 from chmig import protocol as p
 from chmig.errors import ProtocolError
+from chmig.offload import is_snapshot_file
 from chmig.snapshot_dir import (
     CHUNK_SIZE,
     MANIFEST,
@@ -25,6 +26,7 @@ from chmig.snapshot_dir import (
     lock_socket,
     open_memory_file,
     read_json_file,
+    read_small_file,
     verify_directory,
     zero_digest,
 )
@@ -42,7 +44,7 @@ def _memfd(size: int, writes: dict[int, bytes]) -> int:
 
 
 def _snapshot(target: Path, fd: int, offset: int, size: int) -> None:
-    writer = SnapshotWriter(target)
+    writer = SnapshotWriter(target, is_snapshot_file)
     writer.write_file("state.json", b'{"a": 1}')
     writer.write_memory("memory-0", [(fd, offset, size)], size)
     writer.commit()
@@ -76,7 +78,7 @@ def test_a_snapshot_appears_whole_with_its_manifest_and_keeps_holes(tmp_path: Pa
 
 def test_memoryview_pieces_are_written_back_to_back(tmp_path: Path) -> None:
     first, second = b"a" * PAGE_SIZE, b"b" * (3 * PAGE_SIZE)
-    writer = SnapshotWriter(tmp_path / "snap")
+    writer = SnapshotWriter(tmp_path / "snap", is_snapshot_file)
     writer.write_memory("memory-ranges", [memoryview(first), memoryview(second)], len(first) + len(second))
     writer.commit()
     assert (tmp_path / "snap" / "memory-ranges").read_bytes() == first + second
@@ -84,7 +86,7 @@ def test_memoryview_pieces_are_written_back_to_back(tmp_path: Path) -> None:
 
 
 def test_pieces_must_fill_the_file(tmp_path: Path) -> None:
-    writer = SnapshotWriter(tmp_path / "snap")
+    writer = SnapshotWriter(tmp_path / "snap", is_snapshot_file)
     with pytest.raises(SnapshotError, match="bytes of memory for a file of"):
         writer.write_memory("memory-0", [memoryview(b"a" * PAGE_SIZE)], 2 * PAGE_SIZE)
     writer.abort()
@@ -94,7 +96,7 @@ def test_pieces_must_fill_the_file(tmp_path: Path) -> None:
 def test_a_new_snapshot_replaces_the_old_one_atomically(tmp_path: Path) -> None:
     target = tmp_path / "snap"
     for marker in (b"old", b"new"):
-        writer = SnapshotWriter(target)
+        writer = SnapshotWriter(target, is_snapshot_file)
         writer.write_file("state.json", marker)
         writer.commit()
         assert (target / "state.json").read_bytes() == marker
@@ -103,10 +105,10 @@ def test_a_new_snapshot_replaces_the_old_one_atomically(tmp_path: Path) -> None:
 
 def test_an_aborted_snapshot_leaves_the_target_untouched(tmp_path: Path) -> None:
     target = tmp_path / "snap"
-    writer = SnapshotWriter(target)
+    writer = SnapshotWriter(target, is_snapshot_file)
     writer.write_file("state.json", b"old")
     writer.commit()
-    writer = SnapshotWriter(target)
+    writer = SnapshotWriter(target, is_snapshot_file)
     writer.write_file("state.json", b"half")
     writer.abort()
     assert (target / "state.json").read_bytes() == b"old"
@@ -119,7 +121,7 @@ def test_partial_directories_of_dead_writers_are_removed(tmp_path: Path) -> None
     stale.mkdir()
     alive = tmp_path / f".snap.partial-{os.getpid()}-ef01"
     alive.mkdir()
-    writer = SnapshotWriter(tmp_path / "snap")
+    writer = SnapshotWriter(tmp_path / "snap", is_snapshot_file)
     assert not stale.exists() and alive.exists()
     writer.abort()
 
@@ -127,7 +129,7 @@ def test_partial_directories_of_dead_writers_are_removed(tmp_path: Path) -> None
 def test_the_target_must_be_a_directory(tmp_path: Path) -> None:
     (tmp_path / "file").write_text("x")
     with pytest.raises(SnapshotError, match="not a directory"):
-        SnapshotWriter(tmp_path / "file")
+        SnapshotWriter(tmp_path / "file", is_snapshot_file)
 
 
 @pytest.mark.parametrize("where", ["data", "hole"])
@@ -171,7 +173,7 @@ def test_truncated_and_missing_files_are_named(tmp_path: Path) -> None:
 
 
 def test_a_changed_json_file_is_refused(tmp_path: Path) -> None:
-    writer = SnapshotWriter(tmp_path / "snap")
+    writer = SnapshotWriter(tmp_path / "snap", is_snapshot_file)
     writer.write_file("state.json", b'{"a": 1}')
     writer.commit()
     (tmp_path / "snap" / "state.json").write_bytes(b'{"a": 2}')
@@ -309,3 +311,37 @@ def test_the_snapshot_daemon_refuses_memory_by_copy() -> None:
     p.check_offload_snapshot_request(p.Request.state(10))
     with pytest.raises(ProtocolError, match="only as MemoryFds"):
         p.check_offload_snapshot_request(p.Request.memory(16))
+
+
+def test_a_target_holding_other_files_is_refused_before_anything_is_written(tmp_path: Path) -> None:
+    target = tmp_path / "snap"
+    target.mkdir()
+    (target / "disk.img").write_bytes(b"precious")
+    with pytest.raises(SnapshotError, match="holds 'disk.img', which is not a snapshot file"):
+        SnapshotWriter(target, is_snapshot_file)
+    assert (target / "disk.img").read_bytes() == b"precious"
+    assert sorted(os.listdir(tmp_path)) == ["snap"]
+
+
+def test_a_symlinked_target_is_followed(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    writer = SnapshotWriter(tmp_path / "link", is_snapshot_file)
+    writer.write_file("state.json", b"{}")
+    writer.commit()
+    assert (tmp_path / "link").is_symlink() and (real / "state.json").read_bytes() == b"{}"
+    assert sorted(os.listdir(tmp_path)) == ["link", "real"]
+
+
+def test_a_hostile_snapshot_directory_gives_clear_errors(tmp_path: Path) -> None:
+    os.mkfifo(tmp_path / MANIFEST)  # opening a FIFO for reading would block forever
+    with pytest.raises(SnapshotError, match="not a regular file"):
+        Manifest.load(tmp_path)
+    (tmp_path / MANIFEST).unlink()
+    (tmp_path / "state.json").mkdir()
+    with pytest.raises(SnapshotError, match="not a regular file"):
+        read_small_file(tmp_path / "state.json")
+    (tmp_path / MANIFEST).write_bytes(b"[" * 200_000 + b"]" * 200_000)
+    with pytest.raises(SnapshotCorrupt, match="unreadable manifest"):
+        Manifest.load(tmp_path)
