@@ -548,3 +548,27 @@ def unclear(line: str, limit: int = 1000) -> str | None:
     if "Traceback" in line or "internal error" in line or "bug in chmig" in line:
         return f"an internal error, not a refusal: {line[:300]!r}"
     return None
+
+
+class BugLog(logging.Handler):
+    """Collects what chmig logs as its own bug (``bug in chmig`` or a traceback) during a case."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.exc_info or "bug in chmig" in record.getMessage():
+            self.records.append(f"{record.name}: {record.getMessage()}"[:500])
+
+
+def standalone_main(prog: str, doc: str | None, run: Callable[..., int]) -> int:
+    """``python -m fuzz.NAME --cases N --seed S [--only I ...]`` for a fuzzer with ``run(cases, seed, report, only)``."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=prog, description=(doc or "").split("\n\n")[0])
+    parser.add_argument("--cases", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only", type=int, nargs="+")
+    args = parser.parse_args()
+    return 1 if run(args.cases, args.seed, lambda line: print(line, flush=True), args.only) else 0

@@ -40,7 +40,6 @@ after being served (never rewritten); the snapshot's files unchanged; no fd, no 
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -64,7 +63,7 @@ from chmig.errors import ChmigError
 from chmig.offload import RestoreSender, SnapshotImage, SnapshotReceiver, SnapshotResult
 from chmig.snapshot_dir import CHUNK_SIZE, verify_directory
 
-from .common import Resources, unclear
+from .common import BugLog, Resources, standalone_main, unclear
 
 Report = Callable[[str], None]
 
@@ -166,18 +165,6 @@ def close_all(fds: Iterable[int]) -> None:
             os.close(fd)
         except OSError:
             pass
-
-
-class _BugLog(logging.Handler):
-    """What chmig logs as its own bug (a traceback, "bug in chmig") during a case."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or "bug in chmig" in record.getMessage():
-            self.records.append(f"{record.name}: {record.getMessage()}"[:500])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,7 +728,7 @@ def _play_snapshot(plan: SnapshotPlan, sock_path: Path, problems: list[str], thr
             second.close()
 
 
-def run_snapshot_case(seed: int, index: int, workdir: Path, bug_log: _BugLog) -> Outcome:
+def run_snapshot_case(seed: int, index: int, workdir: Path, bug_log: BugLog) -> Outcome:
     fds_before = len(os.listdir("/proc/self/fd"))
     plan = make_snapshot_plan(seed, index, workdir)
     sock_path = workdir / "offload.sock"
@@ -1287,7 +1274,7 @@ def _faults(plan: RestorePlan, vmm: _Vmm) -> None:
             sock.shutdown(socket.SHUT_WR)
 
 
-def run_restore_case(seed: int, index: int, workdir: Path, fixture: RestoreFixture, bug_log: _BugLog) -> Outcome:
+def run_restore_case(seed: int, index: int, workdir: Path, fixture: RestoreFixture, bug_log: BugLog) -> Outcome:
     fds_before = len(os.listdir("/proc/self/fd"))
     plan = make_restore_plan(seed, index)
     sock_path = workdir / "restore.sock"
@@ -1446,7 +1433,7 @@ class Fuzzer:
         self.own = workdir is None
         # UNIX socket paths must stay under 108 bytes.
         self.workdir = Path(tempfile.mkdtemp(prefix="chmig-fuzz-offload-")) if workdir is None else workdir
-        self.bug_log = _BugLog()
+        self.bug_log = BugLog()
         logger = logging.getLogger("chmig")
         self._saved = (logger.level, logger.propagate)
         logger.addHandler(self.bug_log)
@@ -1512,12 +1499,7 @@ def run(cases: int, seed: int, report: Report, only: list[int] | None = None) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuzz.offload", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only", type=int, nargs="+")
-    args = parser.parse_args()
-    return 1 if run(args.cases, args.seed, lambda line: print(line, flush=True), args.only) else 0
+    return standalone_main("python -m fuzz.offload", __doc__, run)
 
 
 if __name__ == "__main__":

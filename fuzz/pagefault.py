@@ -21,7 +21,6 @@ a flood).  Per case it checks:
 
 from __future__ import annotations
 
-import argparse
 import os
 import random
 import socket
@@ -38,7 +37,7 @@ from chmig.errors import ProtocolError, TransportError
 from chmig.memory import GuestMemory, ZoneConfig
 from chmig.transport import Connection
 
-from .common import Resources
+from .common import Resources, standalone_main
 
 Report = Callable[[str], None]
 
@@ -205,12 +204,7 @@ def run(cases: int, seed: int, report: Report, only: list[int] | None = None) ->
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(prog="python -m fuzz.pagefault", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cases", type=int, default=1000)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--only", type=int, nargs="+")
-    args = parser.parse_args()
-    return 1 if run(args.cases, args.seed, lambda line: print(line, flush=True), args.only) else 0
+    return standalone_main("python -m fuzz.pagefault", __doc__, run)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ from chmig.memory import GuestMemory, ZoneConfig
 from chmig.postcopy import OFF, PAGE as PAGE_STRATEGY, PostcopyPager, Prefetch
 from chmig.transport import Connection
 
-from .common import Resources
+from .common import BugLog, Resources
 
 Report = Callable[[str], None]
 
@@ -410,19 +410,7 @@ class _Source:
                 self.problem(f"the fuzzer's {thread.name} did not end")
 
 
-class _BugLog(logging.Handler):
-    """Collects what chmig logs as its own bug (``bug in chmig`` or a traceback) during a case."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.DEBUG)
-        self.records: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if record.exc_info or "bug in chmig" in record.getMessage():
-            self.records.append(f"{record.name}: {record.getMessage()}")
-
-
-def run_case(seed: int, index: int, bug_log: _BugLog) -> Outcome:
+def run_case(seed: int, index: int, bug_log: BugLog) -> Outcome:
     plan = make_plan(seed, index)
     rng = random.Random(f"chmig-pager-fuzz-answers:{seed}:{index}")
     fds_before = len(os.listdir("/proc/self/fd"))
@@ -588,9 +576,9 @@ def _check_memory(memory: GuestMemory, pager: PostcopyPager, source: _Source) ->
 
 
 @contextlib.contextmanager
-def _watching_chmig_log(verbose: bool) -> Iterator[_BugLog]:
+def _watching_chmig_log(verbose: bool) -> Iterator[BugLog]:
     """Catch what chmig logs as a bug; unless ``verbose``, keep its expected "postcopy failed" lines quiet."""
-    bug_log = _BugLog()
+    bug_log = BugLog()
     logger = logging.getLogger("chmig")
     saved = (logger.level, logger.propagate)
     logger.addHandler(bug_log)
