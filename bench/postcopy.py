@@ -74,7 +74,7 @@ from typing import Iterator
 import _common as c
 from _common import GiB, MiB
 
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig.harness import Processes, VmmProcess
 from chmig.postcopy import percentile
 from precopy import wait_stamped

@@ -24,7 +24,7 @@ from pathlib import Path
 from _common import ROOT  # noqa: F401 - puts this checkout on sys.path
 
 from chmig import protocol as p
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig.harness import Processes
 from chmig.memory import ZoneConfig, layout
 from chmig.vm import VmConfig

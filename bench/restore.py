@@ -75,7 +75,7 @@ from pathlib import Path
 import _common as c
 from _common import GiB, MiB
 
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 
 SIZES = ("256M", "1G", "4G")
 QUICK_SIZES = ("256M", "1G")

@@ -50,8 +50,6 @@ The socket is the VMM's whole control surface, so it is guarded:
 
 from __future__ import annotations
 
-import argparse
-import http.client
 import io
 import json
 import logging
@@ -66,16 +64,14 @@ import traceback
 from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, Callable
 
+from .apiclient import API_PREFIX, ApiError
 from .errors import ChmigError, UsageError, VmError
 from .jsonlimits import JsonRefused, loads_bounded
-from .options import parse_typed
 
 if TYPE_CHECKING:
     from .vmm import Vmm
 
 log = logging.getLogger(__name__)
-
-API_PREFIX = "/api/v1/"
 
 #: The largest request body read (the API's bodies are a few hundred bytes).
 MAX_BODY = 1 << 20
@@ -93,12 +89,6 @@ MAX_JSON_SEPARATORS = 4096
 U64_MAX = (1 << 64) - 1
 
 
-class ApiError(ChmigError):
-    """An API request failed; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message, where="API")
-        self.status = status
 
 
 # ---------------------------------------------------------------------------------------------
@@ -548,102 +538,3 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError as exc:  # the client went away: nothing left to tell it
             log.debug("API reply to a client that left: %s", exc)
             self.close_connection = True
-
-
-# ---------------------------------------------------------------------------------------------
-# The client
-# ---------------------------------------------------------------------------------------------
-
-
-class _UnixConnection(http.client.HTTPConnection):
-    def __init__(self, path: str, timeout: float | None) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = path
-
-    def connect(self) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.timeout is not None:
-            self.sock.settimeout(self.timeout)
-        self.sock.connect(self._path)
-
-
-def request(path: str, method: str, action: str, body: dict | None = None, timeout: float | None = None) -> Any:
-    """One API call; returns the decoded JSON (or None); raises ApiError with the server's reason."""
-    conn = _UnixConnection(path, timeout)
-    try:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data else {}
-        conn.request(method, API_PREFIX + action, body=data, headers=headers)
-        response = conn.getresponse()
-        raw = response.read()
-    except FileNotFoundError:
-        raise ApiError(0, f"no API socket at {path}") from None
-    except ConnectionRefusedError:
-        raise ApiError(0, f"nothing listens on the API socket {path}") from None
-    except OSError as exc:
-        raise ApiError(0, f"API socket {path}: {exc}") from None
-    except http.client.HTTPException as exc:  # something answered, but not HTTP
-        raise ApiError(0, f"API socket {path}: not an HTTP answer: {_one_line(repr(exc))}") from None
-    finally:
-        conn.close()
-    try:
-        decoded = json.loads(raw) if raw else None
-    except ValueError:
-        raise ApiError(response.status, f"{action}: the API socket {path} did not answer JSON (HTTP {response.status})") \
-            from None
-    if response.status >= 300:
-        reason = decoded.get("error") if isinstance(decoded, dict) else raw.decode(errors="replace")
-        raise ApiError(response.status, f"{action} failed (HTTP {response.status}): {reason}")
-    return decoded
-
-
-REMOTE_ACTIONS: dict[str, tuple[str, str, dict | None]] = {
-    "ping": ("GET", "vmm.ping", None),
-    "info": ("GET", "vm.info", None),
-    "pause": ("PUT", "vm.pause", None),
-    "resume": ("PUT", "vm.resume", None),
-    "shutdown": ("PUT", "vm.shutdown", None),
-    "shutdown-vmm": ("PUT", "vmm.shutdown", None),
-    "send-migration": ("PUT", "vm.send-migration", SEND_MIGRATION_FIELDS),
-    "receive-migration": ("PUT", "vm.receive-migration", RECEIVE_MIGRATION_FIELDS),
-    "cancel-migration": ("PUT", "vm.cancel-migration", None),
-    "snapshot": ("PUT", "vm.snapshot", None),
-    "restore": ("PUT", "vm.restore", None),
-}
-
-
-def _snapshot_body(argument: str) -> dict:
-    """``ch-remote snapshot file:///DIR``: the argument is the URL itself, not key=value options."""
-    if not argument.strip():
-        raise UsageError("snapshot needs a destination URL: chmig remote --api-socket PATH snapshot file:///DIR")
-    return {"destination_url": argument}
-
-
-def _restore_body(argument: str) -> dict:
-    """``ch-remote restore source_url=...``: parsed as ``--restore`` is, sent as the whole serialized RestoreConfig."""
-    from .snapshot import RestoreConfig
-
-    return RestoreConfig.parse(argument, "restore").to_api()
-
-
-#: Actions whose argument ``ch-remote`` turns into a body its own way (not typed ``key=value`` fields).
-REMOTE_BODIES: dict[str, Callable[[str], dict]] = {"snapshot": _snapshot_body, "restore": _restore_body}
-
-
-def main_remote(args: argparse.Namespace) -> int:
-    """``chmig remote --api-socket PATH ACTION [key=value,...]``."""
-    if args.action not in REMOTE_ACTIONS:
-        raise UsageError(f"unknown action {args.action!r} (choose from {', '.join(REMOTE_ACTIONS)})")
-    method, action, fields = REMOTE_ACTIONS[args.action]
-    body = None
-    if args.action in REMOTE_BODIES:
-        body = REMOTE_BODIES[args.action](args.options)
-    elif fields is not None:
-        body = parse_typed(args.options, fields, args.action)
-    elif args.options:
-        raise UsageError(f"{args.action} takes no options")
-    result = request(args.api_socket, method, action, body)
-    if result is not None:
-        json.dump(result, sys.stdout, indent=2)
-        sys.stdout.write("\n")
-    return 0

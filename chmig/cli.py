@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_arguments(run)
 
     remote = sub.add_parser("remote", help="talk to a running chmig VMM, like ch-remote")
-    remote.set_defaults(handler=_lazy("api", "main_remote"))
+    remote.set_defaults(handler=_lazy("remote", "main_remote"))
     remote.add_argument("--api-socket", required=True, help="the VMM's API socket")
     remote.add_argument("action", help="ping, info, pause, resume, shutdown, shutdown-vmm, send-migration, "
                         "receive-migration, cancel-migration, snapshot, restore")

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .api import ApiError, request
+from .apiclient import ApiError, request
 
 
 @dataclass

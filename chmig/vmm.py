@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 from . import __version__
 from .channel import Observers
-from .errors import ChmigError, MigrationError, PostcopyError, StuckThreadError, UsageError, VmError
+from .errors import ChmigError, MigrationError, NoVmError, PostcopyError, StuckThreadError, UsageError, VmError
 from .memory import GuestMemory
 from .postcopy import PostcopyPager
 from .receive import ReceiveOptions, Receiver
@@ -112,6 +112,9 @@ class Vmm:
     def __init__(self, serial_spec: str = "tty") -> None:
         self.serial_spec = serial_spec
         self.vm: Vm | None = None
+        #: The configuration of the VM last booted here: after ``vm.shutdown`` the VM is "Created" again
+        #: (Cloud Hypervisor keeps its config), ``vm.boot`` boots it anew and ``vm.delete`` forgets it.
+        self.vm_config: VmConfig | None = None
         self.lock = threading.RLock()
         self.exit_event = threading.Event()
         self.exit_code = 0
@@ -155,6 +158,7 @@ class Vmm:
             vm.boot()
             vm.start()
             self.vm = vm
+            self.vm_config = config
             log.info("VM booted: %d vCPUs, %d MiB, workload %s", config.cpus, vm.memory.total_size >> 20,
                      config.workload.kind)
             return vm
@@ -164,6 +168,7 @@ class Vmm:
         with self.lock:
             vm.on_stop = self._vm_failed
             self.vm = vm
+            self.vm_config = vm.config
 
     def _vm_failed(self, vm: Vm) -> None:
         log.error("the VM stopped: %s", vm.failure)
@@ -173,7 +178,8 @@ class Vmm:
 
     def require_vm(self) -> Vm:
         if self.vm is None:
-            raise VmError("no VM is created")
+            raise NoVmError("VM is not created" if self.vm_config is None else
+                            "VM is not running (it was shut down: vm.boot starts it again)")
         return self.vm
 
     def _require_idle(self, what: str) -> None:
@@ -186,6 +192,11 @@ class Vmm:
         return {"build_version": f"chmig {__version__}", "version": __version__, "pid": os.getpid(), "features": ["kvm"]}
 
     def info(self) -> dict:
+        if self.vm is None and self.vm_config is not None:  # shut down: Cloud Hypervisor shows it "Created"
+            info: dict = {"state": VmState.CREATED, "config": self.vm_config.to_json()}
+            if self.migration is not None:
+                info["migration"] = self.migration.to_json()
+            return info
         vm = self.require_vm()
         info = vm.info()
         if self.migration is not None:
@@ -212,6 +223,27 @@ class Vmm:
             self._stop_postcopy()  # its threads write into the RAM that is about to go
             self.postcopy = None  # the next VM is not bound by this one's pages
             self._drop_vm()
+
+    def boot_created(self) -> None:
+        """``vm.boot``: boot the VM that was shut down again, from its configuration."""
+        with self.lock:
+            self._require_idle("boot")
+            if self.vm is not None:
+                if self.vm.state in (VmState.RUNNING, VmState.PAUSED):
+                    return  # Cloud Hypervisor: booting a booted VM is not an error
+                raise VmError(f"cannot boot a VM that is {self.vm.state}")
+            if self.vm_config is None:
+                raise NoVmError("VM is not created (chmig creates its VM from the command line: chmig run "
+                                "--cpus ... --memory ...)")
+            self.boot(self.vm_config)
+
+    def delete(self) -> None:
+        """``vm.delete``: shut the VM down if it runs and forget its configuration."""
+        with self.lock:
+            self._require_idle("delete the VM")
+            if self.vm is not None:
+                self.shutdown_vm()
+            self.vm_config = None
 
     def shutdown_vmm(self) -> None:
         self.exit_after_reply = True

@@ -25,7 +25,8 @@ from typing import Any
 
 import pytest
 
-from chmig.api import ApiError, ApiServer, request
+from chmig.api import ApiServer
+from chmig.apiclient import ApiError, request
 
 from .conftest import Processes, VmmProcess, requires_kvm
 

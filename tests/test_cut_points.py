@@ -44,7 +44,7 @@ from typing import Any, Callable, Iterator
 
 import pytest
 
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig.harness import Processes, VmmProcess
 
 from .conftest import requires_kvm

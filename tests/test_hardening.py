@@ -470,7 +470,7 @@ def test_an_operator_can_cancel_a_migration(procs: Processes) -> None:
     try:
         source.wait_for(lambda i: i.get("migration_in_progress") == "send-migration", 10, "the migration")
         begin = time.monotonic()
-        from chmig.api import request
+        from chmig.apiclient import request
 
         request(source.api, "PUT", "vm.cancel-migration", None, timeout=30) if _has_cancel_route(source) else (
             _cancel_through_the_vmm(source))

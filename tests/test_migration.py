@@ -14,7 +14,7 @@ from typing import Callable, Iterator
 
 import pytest
 
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from .proxy import ThrottledProxy
 
 from .conftest import Processes, VmmProcess, receive_through_api, requires_kvm

@@ -45,7 +45,7 @@ from typing import Callable, Iterator
 import pytest
 
 from chmig import protocol as p
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig import offload
 from chmig.channel import Channel, IncomingRequest
 from chmig.harness import Processes, VmmProcess

@@ -45,7 +45,7 @@ from typing import Iterator
 
 import pytest
 
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig.harness import Processes, VmmProcess
 
 from .conftest import BackgroundCall, requires_kvm

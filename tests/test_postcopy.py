@@ -39,7 +39,7 @@ import pytest
 
 from chmig import guest
 from chmig import protocol as p
-from chmig.api import ApiError, request
+from chmig.apiclient import ApiError, request
 from chmig.channel import Channel
 from chmig.errors import ProtocolError, UsageError
 from chmig.memory import GuestMemory, ZoneConfig

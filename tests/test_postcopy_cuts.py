@@ -55,7 +55,7 @@ from typing import Any, Callable, Iterator
 import pytest
 
 from chmig import protocol as p
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig.channel import Channel
 from chmig.errors import ChmigError
 from chmig.harness import Processes, VmmProcess

@@ -22,7 +22,7 @@ from typing import Callable
 import pytest
 
 from chmig import protocol as p
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig.channel import RECEIVED, Channel, Message, Observers
 from chmig.memory import GuestMemory
 from chmig.receive import Receiver

@@ -28,7 +28,7 @@ from typing import Iterator
 
 import pytest
 
-from chmig.api import ApiError
+from chmig.apiclient import ApiError
 from chmig.errors import UsageError
 from chmig.snapshot import COPY, ONDEMAND, RestoreConfig
 from chmig.snapshot_dir import CHUNK_SIZE, data_spans
