@@ -1021,11 +1021,18 @@ def _bind_tcp(url: Url, backlog: int) -> socket.socket:
     raise TransportError(f"cannot listen: {'; '.join(errors)}", where=where)
 
 
+#: A migration listener's UNIX socket: only its owner may connect (whoever connects can hand it a VM).
+UNIX_LISTENER_MODE = 0o600
+
+
 def _bind_unix(url: Url, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
     where = str(url)
     _remove_stale_socket_file(url.path, where)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
+        # Private to our user whatever the umask, as Cloud Hypervisor's: bind() gives the file the socket's
+        # own mode less the umask, so the file is never more open than 0600, not even for a moment.
+        os.fchmod(sock.fileno(), UNIX_LISTENER_MODE)
         sock.bind(url.path)
     except OSError as e:
         sock.close()
@@ -1036,6 +1043,8 @@ def _bind_unix(url: Url, backlog: int) -> tuple[socket.socket, tuple[int, int]]:
     try:
         sock.listen(backlog)
         st = os.stat(url.path)
+        if stat.S_IMODE(st.st_mode) & ~UNIX_LISTENER_MODE:  # a kernel that ignored the fchmod
+            os.chmod(url.path, UNIX_LISTENER_MODE)
     except OSError as e:
         sock.close()
         os.unlink(url.path)  # bind() created it; do not leave a dead file behind

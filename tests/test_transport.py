@@ -814,6 +814,19 @@ def test_stale_unix_socket_file_is_replaced(pool: ThreadPoolExecutor, tmp_path: 
     assert not path.exists()  # close() removes the file it created
 
 
+@pytest.mark.timeout(10)
+def test_unix_listener_is_private_to_its_owner_whatever_the_umask(tmp_path: Path) -> None:
+    """Whoever can connect can hand this process a VM: the socket is 0600, as Cloud Hypervisor's."""
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        with listen(Url.unix(tmp_path / "private.sock")) as listener:
+            assert stat.S_IMODE(os.stat(listener.address.path).st_mode) == 0o600
+    finally:
+        os.umask(old)
+
+
 @pytest.mark.timeout(30)
 def test_live_unix_socket_is_refused(tmp_path: Path) -> None:
     url = Url.unix(tmp_path / "live.sock")
