@@ -5,6 +5,9 @@
 3. ``send-migration`` moves the running VM over loopback TCP (precopy, several connections; or, with
    ``--postcopy``, postcopy: the VM runs on the destination at once and its pages follow).
 4. The guest, now in the other process, keeps counting rounds and reports zero mismatches.
+
+``--memory`` and ``--cpus`` take ``chmig run``'s syntax (``size=256M``, ``boot=2``: Cloud Hypervisor's option
+rules, the same keys and checks) and keep their short forms (``256M``, ``2``); see :func:`vm_options`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,28 @@ import tempfile
 from pathlib import Path
 
 from .harness import Processes
+
+#: The demo's guest: rewrites a tenth of its pages per round, so precopy has something to chase.
+DEMO_WORKLOAD = "verify,dirty_percent=10"
+
+
+def vm_options(memory: str | int, cpus: str | int) -> tuple[str, str, int]:
+    """``chmig run``'s ``--memory`` and ``--cpus`` strings for the demo's VM, and its number of vCPUs.
+
+    A value with ``=`` is an option string as ``run`` takes it; one without
+    is the short form, the size (``256M``) or the vCPU count (``2``).  Both are
+    parsed and checked here, by ``run``'s own parser, so a bad value is one
+    clear line before any process starts.
+    """
+    from .vm import VmConfig  # here: the parser lives with the VM, which `chmig --help` need not load
+
+    memory_text, cpus_text = str(memory), str(cpus)
+    if "=" not in memory_text:
+        memory_text = f"size={memory_text}"
+    if "=" not in cpus_text:
+        cpus_text = f"boot={cpus_text}"
+    config = VmConfig.from_args(cpus_text, memory_text, [], DEMO_WORKLOAD)
+    return memory_text, cpus_text, config.cpus
 
 
 def _table(iterations: list[dict]) -> list[str]:
@@ -27,14 +52,14 @@ def _table(iterations: list[dict]) -> list[str]:
 
 def main_demo(args: argparse.Namespace) -> int:
     say = lambda text="": print(text, flush=True)  # noqa: E731
+    memory, cpus, vcpus = vm_options(args.memory, args.cpus)
     with tempfile.TemporaryDirectory(prefix="chmig-demo-") as tmp:
         procs = Processes(Path(tmp), verbose=False)
         try:
-            vm_args = ("--cpus", f"boot={args.cpus}", "--memory", f"size={args.memory}",
-                       "--workload", "verify,dirty_percent=10")
+            vm_args = ("--cpus", cpus, "--memory", memory, "--workload", DEMO_WORKLOAD)
             say(f"1. source: chmig run {' '.join(vm_args)}")
             source = procs.run(*vm_args)
-            before = source.wait_rounds(2 * args.cpus, timeout=120)["guest"]
+            before = source.wait_rounds(2 * vcpus, timeout=120)["guest"]
             say(f"   guest verifying its memory: {before['rounds']} rounds, {before['errors']} errors")
             postcopy = getattr(args, "postcopy", False)
             receive_args = ("--memory-mode", "postcopy") if postcopy else ()

@@ -49,6 +49,20 @@ last changed in d419338a):
       reproduces.  Valueless flags (``console=off``, ``pty``...) are read with
       ``is_set``.
 
+Keys chmig does not support
+---------------------------
+Cloud Hypervisor has keys chmig has nothing to apply to (``--cpus max=``,
+``--memory hugepages=``, ``receive-migration vfio_fds=``).  They are declared
+with :meth:`OptionParser.add_unsupported`, so a user who gives one is told so
+*by name* ("max is a Cloud Hypervisor option that chmig does not support;
+supported: boot") instead of hearing "unknown option" or, worse, having it
+silently ignored.  An *empty* value (``max=``) is accepted: CH's ``convert``
+reads ``key=`` as "not given" and applies its default, and chmig already
+behaves as that default, so the string means the same in both.  A bare
+unsupported key, or an unsupported valueless flag, is refused.  The check runs
+after the whole string is parsed, so ``max=4,max=`` is accepted exactly as CH,
+where the last value wins, reads it as unset.
+
 Integers follow Rust's ``str::parse``: ASCII digits with one optional leading
 ``+`` (``-`` only for signed ranges); no spaces, no ``_``, no ``0x``.
 
@@ -75,6 +89,7 @@ from chmig.errors import UsageError
 
 __all__ = [
     "MAX_LIST_ITEMS",
+    "U32_MAX",
     "U64_MAX",
     "OptionError",
     "OptionParser",
@@ -90,6 +105,7 @@ __all__ = [
 ]
 
 U64_MAX = 2**64 - 1
+U32_MAX = 2**32 - 1
 
 # Guards memory, not correctness: "[0-4294967295]" is a valid CH IntegerList
 # but nobody means it, and expanding it would take gigabytes.
@@ -359,6 +375,9 @@ class OptionParser:
         # key -> raw value as stored by parse ("" for a valueless flag or
         # "key="); None while unset.
         self._values: dict[str, str | None] = {}
+        # Cloud Hypervisor keys chmig does not support -> why (or None); they
+        # are in _requires_value too, so parse recognises them.
+        self._unsupported: dict[str, str | None] = {}
 
     # -- declaring ---------------------------------------------------------
 
@@ -367,6 +386,7 @@ class OptionParser:
             raise ValueError(f"bad option name {key!r}: must be non-empty without \" [ ] = ,")
         self._requires_value[key] = requires_value
         self._values[key] = None  # CH's insert resets a re-declared key too
+        self._unsupported.pop(key, None)  # add_unsupported marks it again after this
         return self
 
     def add(self, key: str) -> OptionParser:
@@ -382,10 +402,30 @@ class OptionParser:
             self.add(key)
         return self
 
+    def add_unsupported(
+        self, *keys: str, reason: str | None = None, valueless: bool = False
+    ) -> OptionParser:
+        """Declare Cloud Hypervisor keys chmig does not support: given, they are refused by name.
+
+        ``key=`` (empty: CH's "not given") is accepted, since chmig behaves as
+        CH's default; any other value, a bare key and a ``valueless`` flag are
+        refused with "KEY is a Cloud Hypervisor option that chmig does not
+        support (REASON); supported: ..." once the whole string is parsed.
+        """
+        for key in keys:
+            self._declare(key, not valueless)
+            self._unsupported[key] = reason
+        return self
+
     @property
     def known(self) -> tuple[str, ...]:
-        """The declared keys, in declaration order."""
-        return tuple(self._requires_value)
+        """The supported keys, in declaration order (what an error lists as usable)."""
+        return tuple(k for k in self._requires_value if k not in self._unsupported)
+
+    @property
+    def unsupported(self) -> tuple[str, ...]:
+        """The Cloud Hypervisor keys declared with :meth:`add_unsupported`."""
+        return tuple(self._unsupported)
 
     # -- parsing -----------------------------------------------------------
 
@@ -412,6 +452,8 @@ class OptionParser:
             if not requires_value:
                 self._values[key] = ""
             elif not has_equals:
+                if key in self._unsupported:
+                    raise self._refuse_unsupported(key)
                 raise OptionError(
                     f"invalid syntax: option {key!r} needs a value ({key}=...)",
                     where=self.what,
@@ -419,6 +461,23 @@ class OptionParser:
                 )
             else:
                 self._values[key] = _trim(value)
+        # After the loop, so that the last occurrence of a key decides, as in CH.
+        for key in self._unsupported:
+            value = self._values[key]
+            if value is not None and (value or not self._requires_value[key]):
+                raise self._refuse_unsupported(key)
+
+    def _refuse_unsupported(self, key: str) -> OptionError:
+        reason = self._unsupported[key]
+        supported = ", ".join(self.known) or "none"
+        return OptionError(
+            f"{key} is a Cloud Hypervisor option that chmig does not support"
+            + (f" ({reason})" if reason else "")
+            + f"; supported: {supported}",
+            where=self.what,
+            key=key,
+            known=self.known,
+        )
 
     def _unknown(self, key: str, text: str) -> OptionError:
         known = ", ".join(self.known) or "none"

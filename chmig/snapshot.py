@@ -85,6 +85,7 @@ from typing import Any, Callable, TypeVar
 
 from . import protocol as p
 from .destination import Destination
+from .apiconfig import NULLABLE_FIELDS, RESTORE_FIELDS, check_fields, enum_variant
 from .errors import ChmigError, InternalError, MigrationError, ProtocolError, UsageError, VmError
 from .jsonlimits import JsonRefused, get_int, get_list, get_object
 from .memory import GuestMemory, Region
@@ -140,7 +141,7 @@ _ZEROS = memoryview(bytes(max(p.PREFETCH_MAX_BYTES, PAGE_SIZE)))
 # ---------------------------------------------------------------------------------------------
 
 
-def url_to_path(url: str, what: str) -> Path:
+def url_to_path(url: str, what: str | None) -> Path:
     """The directory of a ``file://`` URL (Cloud Hypervisor's ``url_to_path``: the rest after ``file://``)."""
     if not url.startswith("file://") or not url[len("file://"):]:
         raise UsageError(f"could not extract a path from URL {url!r}: expected file:///DIR", where=what)
@@ -163,31 +164,44 @@ class RestoreConfig:
     @classmethod
     def parse(cls, text: str, what: str = "--restore") -> RestoreConfig:
         """``source_url=file:///DIR[,prefault=on|off][,memory_restore_mode=copy|ondemand][,resume=true|false]``
-        by Cloud Hypervisor's option rules (``RestoreConfig::parse``)."""
-        options = OptionParser(what).add_all(RESTORE_OPTIONS).parse(text)
+        by Cloud Hypervisor's option rules (``RestoreConfig::parse``, its whole key set: the keys a chmig VM
+        has nothing to apply to are refused by name, ``key=`` being CH's "not given")."""
+        options = OptionParser(what)
+        for key in RESTORE_OPTIONS:  # CH's order
+            if key in _UNSUPPORTED:
+                options.add_unsupported(key, reason=_UNSUPPORTED[key])
+            else:
+                options.add(key)
+        options.parse(text)
         source_url = options.get("source_url")
         if source_url is None:
             raise UsageError("source_url missing", where=what)
-        for key, why in _UNSUPPORTED.items():
-            if options.get(key) is not None:
-                raise UsageError(f"{key} is not supported: {why}", where=what)
         config = cls(source_url, options.toggle("prefault", False),
                      _restore_mode(options.get("memory_restore_mode") or COPY, what), options.toggle("resume", False))
         config.validate(what)
         return config
 
     @classmethod
-    def from_api(cls, body: dict) -> RestoreConfig:
-        """A ``vm.restore`` body whose fields' types the API has checked (null means "not given")."""
-        for key, why in _UNSUPPORTED.items():
-            if body.get(key) not in (None, []):
-                raise UsageError(f"{key} is not supported: {why}", where="vm.restore")
-        config = cls(body["source_url"], body.get("prefault", False),
-                     _restore_mode(body.get("memory_restore_mode", COPY), "vm.restore"), body.get("resume", False))
-        config.validate("vm.restore")
+    def from_api(cls, body: Any, where: str | None = None) -> RestoreConfig:
+        """A ``vm.restore`` body as ``ch-remote`` sends it: every field checked here (:func:`check_fields`).
+
+        The fields chmig cannot use may be null or empty, as ``ch-remote``
+        sends them; otherwise they are refused with the reason.  The enum is
+        CH's ``"Copy"``/``"OnDemand"`` or lower case.
+        """
+        if isinstance(body, dict):
+            for key, why in _UNSUPPORTED.items():
+                if body.get(key) not in (None, []):
+                    raise UsageError(f"{key}: {why}", where=where)
+        body = check_fields(body, RESTORE_FIELDS, required=("source_url",), nullable=NULLABLE_FIELDS, where=where)
+        mode = COPY
+        if "memory_restore_mode" in body:
+            mode = enum_variant(body["memory_restore_mode"], "memory_restore_mode", tuple(_MODE_JSON.values()), where)
+        config = cls(body["source_url"], body.get("prefault", False), mode, body.get("resume", False))
+        config.validate(where)
         return config
 
-    def validate(self, what: str) -> None:
+    def validate(self, what: str | None) -> None:
         url_to_path(self.source_url, what)
         if self.memory_restore_mode == ONDEMAND and self.prefault:
             raise UsageError("'prefault' cannot be combined with 'memory_restore_mode=ondemand'", where=what)

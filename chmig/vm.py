@@ -35,7 +35,7 @@ from .kvm import (
 )
 from .jsonlimits import JsonRefused, get_bool, get_int, get_list, get_number, get_object, get_str
 from .memory import GuestMemory, ZoneConfig
-from .options import OptionParser
+from .options import U32_MAX, OptionParser
 from .protocol import DEFAULT_LIMITS, MemoryRangeTable
 from .units import MiB, PAGE_SIZE
 
@@ -51,6 +51,24 @@ KICK_SIGNAL = signal.SIGUSR1
 HLT_WAIT_S = 0.05
 
 WORKLOADS = ("verify", "counter", "idle")
+
+# Cloud Hypervisor's keys for each VM option (vmm/src/config.rs: CpusConfig::parse, MemoryConfig::parse and
+# its memory-zone parser), in its order, split into what a chmig VM has and what it has nothing to apply to.
+# The unsupported ones are refused by name (OptionParser.add_unsupported), never silently ignored.
+CPUS_SUPPORTED = ("boot",)
+CPUS_UNSUPPORTED = ("max", "topology", "kvm_hyperv", "max_phys_bits", "affinity", "features", "nested",
+                    "core_scheduling", "profile")
+MEMORY_SUPPORTED = ("size", "shared")
+MEMORY_UNSUPPORTED = ("file", "mergeable", "hotplug_method", "hotplug_size", "hotplugged_size", "hugepages",
+                      "hugepage_size", "prefault", "reserve", "thp")
+ZONE_SUPPORTED = ("id", "size", "shared")
+ZONE_UNSUPPORTED = ("file", "hugepages", "hugepage_size", "host_numa_node", "hotplug_size", "hotplugged_size",
+                    "prefault", "reserve", "mergeable")
+#: Cloud Hypervisor's default guest RAM (DEFAULT_MEMORY_MB), for ``--memory`` and for each ``--memory-zone``.
+DEFAULT_MEMORY = 512 * MiB
+#: ``SerialConfig::SYNTAX``, then what chmig refuses.
+SERIAL_SYNTAX = ('Control serial port: "off|null|pty|tty|file=<path>|socket=<path>" '
+                 "(chmig: pty and socket= are not supported; null, the default, discards the output)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -112,21 +130,30 @@ class VmConfig:
 
     @classmethod
     def from_args(cls, cpus: str | None, memory: str | None, zones: list[str], workload: str | None) -> VmConfig:
+        """``--cpus``, ``--memory``, ``--memory-zone`` (repeatable) and ``--workload``, by Cloud Hypervisor's rules.
+
+        Each option takes CH's whole key set (``vmm/src/config.rs``): the keys
+        a chmig VM has are read as CH reads them, the others are refused by
+        name.  Two deliberate differences: memory is ``shared=on`` unless told
+        otherwise (a chmig VM can then always migrate locally), and
+        ``--memory-zone`` may be given with a non-zero ``--memory size``
+        (the main zone and the extra zones are each their own KVM slot);
+        ``--memory size=0`` leaves only the zones, as in CH.
+        """
         config = cls(workload=Workload.parse(workload))
-        if cpus:
-            options = OptionParser("--cpus").add("boot").parse(cpus)
-            config.cpus = options.integer("boot", 1)
-        main_zone = ZoneConfig("mem0", 512 * MiB, True)
-        if memory:
-            options = OptionParser("--memory").add_all(("size", "shared")).parse(memory)
-            main_zone = ZoneConfig("mem0", options.size("size", 512 * MiB), options.toggle("shared", True))
+        options = cpus_parser().parse(cpus or "")
+        config.cpus = options.integer("boot", 1, maximum=U32_MAX)  # CH: u32
+        options = memory_parser().parse(memory or "")
+        main_zone = ZoneConfig("mem0", options.size("size", DEFAULT_MEMORY), options.toggle("shared", True))
         config.zones = [main_zone] if main_zone.size else []
         for text in zones:
-            options = OptionParser("--memory-zone").add_all(("id", "size", "shared")).parse(text)
-            zone_id, size = options.string("id"), options.size("size")
-            if zone_id is None or size is None:
-                raise UsageError("--memory-zone: expected id=NAME,size=SIZE[,shared=on|off]")
-            config.zones.append(ZoneConfig(zone_id, size, options.toggle("shared", True)))
+            options = memory_zone_parser().parse(text)
+            zone_id = options.get("id")
+            if zone_id is None:  # CH: ParseMemoryZoneIdMissing
+                raise UsageError("id is required: expected id=NAME[,size=SIZE][,shared=on|off]",
+                                 where="--memory-zone")
+            config.zones.append(ZoneConfig(zone_id, options.size("size", DEFAULT_MEMORY),
+                                           options.toggle("shared", True)))
         config.validate()
         return config
 
@@ -177,28 +204,88 @@ class VmConfig:
         return config
 
 
+def cpus_parser() -> OptionParser:
+    """``--cpus``: CH's keys (``CpusConfig::parse``); only ``boot`` is supported."""
+    return OptionParser("--cpus").add_all(CPUS_SUPPORTED).add_unsupported(*CPUS_UNSUPPORTED)
+
+
+def memory_parser() -> OptionParser:
+    """``--memory``: CH's keys (``MemoryConfig::parse``); ``size`` and ``shared`` are supported."""
+    parser = OptionParser("--memory")
+    for key in ("size", "file", "mergeable", "hotplug_method", "hotplug_size", "hotplugged_size", "shared",
+                "hugepages", "hugepage_size", "prefault", "reserve", "thp"):  # CH's order
+        if key in MEMORY_SUPPORTED:
+            parser.add(key)
+        else:
+            parser.add_unsupported(key)
+    return parser
+
+
+def memory_zone_parser() -> OptionParser:
+    """``--memory-zone``: CH's keys; ``id``, ``size`` and ``shared`` are supported."""
+    parser = OptionParser("--memory-zone")
+    for key in ("id", "size", "file", "shared", "hugepages", "hugepage_size", "host_numa_node", "hotplug_size",
+                "hotplugged_size", "prefault", "reserve", "mergeable"):  # CH's order
+        if key in ZONE_SUPPORTED:
+            parser.add(key)
+        else:
+            parser.add_unsupported(key)
+    return parser
+
+
 # ---------------------------------------------------------------------------------------------
 # Serial console
 # ---------------------------------------------------------------------------------------------
 
 
-class Serial:
-    """COM1's transmit side: bytes from the guest, written out a line at a time."""
+def parse_serial(spec: str) -> tuple[str, str | None]:
+    """``--serial`` by CH's ``SerialConfig::parse``: the mode (``off``, ``null``, ``tty``, ``file``) and file path.
 
-    def __init__(self, spec: str = "tty") -> None:
+    CH's flags ``off``, ``pty``, ``tty``, ``null`` and keys ``file=``,
+    ``socket=``; when several are given the first of that order wins, as in
+    CH.  ``pty`` and ``socket=`` are refused by name: a chmig VMM has no pseudo
+    terminal or socket for its serial port.
+    """
+    parser = (OptionParser("--serial").add_valueless("off")
+              .add_unsupported("pty", valueless=True, reason="chmig's serial port has no pseudo terminal")
+              .add_valueless("tty").add_valueless("null").add("file")
+              .add_unsupported("socket", reason="chmig's serial port has no socket"))
+    parser.parse(spec)
+    for mode in ("off", "tty", "null"):
+        if parser.is_set(mode):
+            return mode, None
+    if parser.is_set("file"):
+        path = parser.get("file")
+        if path is None:  # CH: ConsoleFileMissing
+            raise UsageError("file needs a path: file=PATH", where="--serial")
+        return "file", path
+    if parser.is_set("socket"):  # only an empty "socket=" gets here
+        raise UsageError("socket is a Cloud Hypervisor option that chmig does not support (chmig's serial port "
+                         "has no socket)", where="--serial")
+    # CH: ParseConsoleInvalidModeGiven
+    raise UsageError(f"expected off, null, tty or file=PATH, got {spec!r}", where="--serial")
+
+
+class Serial:
+    """COM1's transmit side: bytes from the guest, written out a line at a time.
+
+    ``spec`` is ``--serial``'s value (:func:`parse_serial`): ``null`` (CH's
+    default) and ``off`` discard the output — chmig's COM1 is write-only, so
+    "no device" and "a device writing nowhere" look the same to the guest —
+    ``tty`` writes it to standard output, ``file=PATH`` appends it to PATH.
+    """
+
+    def __init__(self, spec: str = "null") -> None:
         self.spec = spec
-        self._out: BinaryIO | None
-        if spec == "tty":
+        self.mode, path = parse_serial(spec)
+        self._out: BinaryIO | None = None
+        if self.mode == "tty":
             self._out = sys.stdout.buffer
-        elif spec == "off":
-            self._out = None
-        elif spec.startswith("file="):
+        elif self.mode == "file" and path is not None:
             try:
-                self._out = open(spec[5:], "ab", buffering=0)
+                self._out = open(path, "ab", buffering=0)
             except OSError as exc:
-                raise UsageError(f"--serial: cannot open {spec[5:]}: {exc.strerror}") from None
-        else:
-            raise UsageError(f"--serial: expected tty, off or file=PATH, got {spec!r}")
+                raise UsageError(f"cannot open {path}: {exc.strerror}", where="--serial") from None
         self._line = bytearray()
         self._lock = threading.Lock()
 
@@ -213,7 +300,7 @@ class Serial:
                 self._line.clear()
 
     def close(self) -> None:
-        if self._out is not None and self.spec.startswith("file="):
+        if self._out is not None and self.mode == "file":
             self._out.close()
 
 
