@@ -3,6 +3,13 @@
 ``chmig remote``, the tests, the benchmarks and the demo talk to a VMM through
 :func:`request`; :class:`ApiError` is what a failed call raises (and what the
 server raises inside a route to choose its answer's status).
+
+The answers are Cloud Hypervisor's (:mod:`chmig.api`): a status line with no
+reason phrase, JSON bodies, and on failure a JSON *array* of messages, most
+general first (``["Error from API", "The VM could not be paused", "..."]``),
+which :func:`request` turns into one line.  Any other body an error comes with
+(an older chmig's ``{"error": ...}``, or something that is not JSON at all) is
+still reported, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,25 +17,70 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-from typing import Any
+from typing import Any, Sequence
 
 from .errors import ChmigError
 
 API_PREFIX = "/api/v1/"
 
+#: First messages of an error array that only restate its HTTP status: the one-line form leaves them out,
+#: since it shows the status itself (Cloud Hypervisor's ``HttpError`` texts).
+GENERIC_MESSAGES = frozenset({"Error from API", "Bad Request", "Not Found", "Internal Server Error",
+                              "Not Implemented", "Too Many Requests", "Request Timeout"})
+
 
 class ApiError(ChmigError):
-    """An API request failed; ``status`` is the HTTP status to answer."""
+    """An API request failed; ``status`` is the HTTP status (0: no HTTP answer at all).
 
-    def __init__(self, status: int, message: str) -> None:
+    ``messages`` is the error's chain of messages, most general first, as
+    Cloud Hypervisor sends it in an error body (one message when there is no chain).
+    """
+
+    def __init__(self, status: int, message: str, *, messages: Sequence[str] | None = None) -> None:
         super().__init__(message, where="API")
         self.status = status
+        self.messages: list[str] = list(messages) if messages else [message]
 
 
 def _one_line(text: str, limit: int = 200) -> str:
     """``text`` fit for a one-line error: control characters escaped, at most ``limit`` characters."""
     flat = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
     return flat if len(flat) <= limit else flat[:limit] + "..."
+
+
+def error_messages(raw: bytes) -> list[str] | None:
+    """An error body read as ``ch-remote`` reads it: a JSON array of strings (None if it is not one)."""
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        return None
+    if isinstance(decoded, list) and decoded and all(isinstance(m, str) for m in decoded):
+        return decoded
+    return None
+
+
+def describe(messages: Sequence[str]) -> str:
+    """An error chain in one line: the messages that say more than the status, general to specific."""
+    shown = list(messages)
+    if len(shown) > 1 and shown[0] in GENERIC_MESSAGES:
+        shown = shown[1:]
+    return _one_line(": ".join(shown), limit=1000)
+
+
+def _reason(raw: bytes) -> tuple[str, list[str] | None]:
+    """What a failed answer's body says, in one line, and its message chain if it is Cloud Hypervisor's array."""
+    messages = error_messages(raw)
+    if messages is not None:
+        return describe(messages), messages
+    try:
+        decoded = json.loads(raw)
+    except ValueError:
+        decoded = None
+    if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):  # an older chmig's form
+        return _one_line(decoded["error"], limit=1000), None
+    if not raw:
+        return "(no error message)", None
+    return f"unexpected error body {_one_line(raw.decode('utf-8', errors='replace'), limit=200)!r}", None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -44,12 +96,16 @@ class _UnixConnection(http.client.HTTPConnection):
 
 
 def request(path: str, method: str, action: str, body: dict | None = None, timeout: float | None = None) -> Any:
-    """One API call; returns the decoded JSON (or None); raises ApiError with the server's reason."""
+    """One API call; returns the decoded JSON (None for an answer without a body); raises ApiError with the reason.
+
+    The request carries no ``Content-Type`` (``ch-remote`` sends none) and a
+    ``Content-Length`` only with a body.  A failed call's message has the form
+    ``"{action} failed (HTTP {status}): {reason}"``.
+    """
     conn = _UnixConnection(path, timeout)
     try:
-        data = json.dumps(body).encode() if body is not None else None
-        headers = {"Content-Type": "application/json"} if data else {}
-        conn.request(method, API_PREFIX + action, body=data, headers=headers)
+        data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
+        conn.request(method, API_PREFIX + action, body=data)
         response = conn.getresponse()
         raw = response.read()
     except FileNotFoundError:
@@ -62,13 +118,11 @@ def request(path: str, method: str, action: str, body: dict | None = None, timeo
         raise ApiError(0, f"API socket {path}: not an HTTP answer: {_one_line(repr(exc))}") from None
     finally:
         conn.close()
-    try:
-        decoded = json.loads(raw) if raw else None
-    except ValueError:
-        raise ApiError(response.status, f"{action}: the API socket {path} did not answer JSON (HTTP {response.status})") \
-            from None
     if response.status >= 300:
-        reason = decoded.get("error") if isinstance(decoded, dict) else raw.decode(errors="replace")
-        raise ApiError(response.status, f"{action} failed (HTTP {response.status}): {reason}")
-    return decoded
-
+        reason, messages = _reason(raw)
+        raise ApiError(response.status, f"{action} failed (HTTP {response.status}): {reason}", messages=messages)
+    try:
+        return json.loads(raw) if raw else None
+    except ValueError:
+        raise ApiError(response.status, f"{action}: the API socket {path} did not answer JSON "
+                                        f"(HTTP {response.status})") from None

@@ -12,9 +12,12 @@ server's connection cap.
 
 Every case is checked:
 
-* whatever came back is a sequence of well-formed HTTP/1.1 responses whose
-  bodies are JSON (errors are ``{"error": "one line"}``): never HTML, never a
-  traceback, never ``internal error``;
+* whatever came back is a sequence of well-formed HTTP/1.1 responses in Cloud
+  Hypervisor's form, which its client ``api_client`` can read: a status line
+  with no reason phrase (``HTTP/1.1 200 ``), a status from the API's table,
+  pure ASCII, ``Content-Length`` on all but 100 and 204, JSON bodies, and
+  errors as Cloud Hypervisor's JSON array of one-line messages (most general
+  first): never HTML, never a traceback, never ``internal error``;
 * a valid request (built by the model of every field and its rules, postcopy's ``fault_connections`` and
   ``prefetch`` included) is never refused with 400;
 * the target is alive and answers ``GET /api/v1/vmm.ping`` within 5 s;
@@ -66,12 +69,15 @@ MAX_RSS_GROWTH = 300 << 20
 #: Threads and fds a target may have more than at the start, once the run's connections are closed.
 THREAD_SLACK = 2
 FD_SLACK = 4
-#: The server's connection cap (chmig.api.MAX_CONNECTIONS), to know how many 503s an idle burst earns.
+#: The server's connection cap (chmig.api.MAX_CONNECTIONS), to know how many 429s an idle burst earns.
 SERVER_MAX_CONNECTIONS = 64
 
 #: Lines in a target's log that mean a bug: a traceback, or an unexpected exception the API caught.
 BAD_LOG_LINE = re.compile(r"Traceback|Exception ignored| ERROR \S+ chmig\.api: ")
-STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9]{2}) [^\r\n]*")
+#: micro_http's status line: the code and one space, no reason phrase (api_client parses all of it as the code).
+STATUS_LINE = re.compile(rb"HTTP/1\.1 ([1-5][0-9]{2}) ")
+#: The statuses the API answers (chmig.api's table); anything else (an old 405, 409 or 503) is a failure.
+STATUSES = frozenset({100, 200, 204, 400, 404, 408, 414, 429, 431, 500, 501, 505})
 
 # ---------------------------------------------------------------------------------------------
 # Targets: real chmig processes
@@ -156,7 +162,7 @@ class Target:
         return self.proc is not None and self.proc.poll() is None
 
     def ping(self, timeout: float = ANSWER_TIMEOUT) -> bool:
-        """``GET /api/v1/vmm.ping`` answered 200 by ``timeout`` (retrying while the server is busy: 503)."""
+        """``GET /api/v1/vmm.ping`` answered 200 by ``timeout`` (retrying while the server is busy: 429)."""
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -222,7 +228,7 @@ def _connect(api: str, timeout: float) -> socket.socket:
 
 
 def _send(sock: socket.socket, data: bytes) -> None:
-    """Send what the server takes; it may answer (400, 503) and close before reading all of it."""
+    """Send what the server takes; it may answer (400, 429) and close before reading all of it."""
     try:
         sock.sendall(data)
     except (BrokenPipeError, ConnectionResetError):
@@ -285,6 +291,8 @@ class Response:
 def parse_responses(stream: bytes) -> tuple[list[Response], str | None]:
     """Split ``stream`` into HTTP/1.1 responses; the second item says what is malformed, if anything."""
     answers: list[Response] = []
+    if not stream.isascii():  # api_client decodes each 256-byte chunk as UTF-8 on its own: a cut character panics
+        return answers, f"an answer that is not pure ASCII: {stream[:200]!r}"
     rest = stream
     while rest:
         head, sep, after = rest.partition(b"\r\n\r\n")
@@ -295,20 +303,25 @@ def parse_responses(stream: bytes) -> tuple[list[Response], str | None]:
         if match is None:
             return answers, f"not an HTTP/1.1 status line: {status_line[:120]!r}"
         status = int(match.group(1))
+        if status not in STATUSES:
+            return answers, f"HTTP {status}: not a status of the API"
         headers: dict[str, str] = {}
         for line in lines:
             name, colon, value = line.partition(b":")
             if not colon or not name or name != name.strip():
                 return answers, f"a malformed header line: {line[:120]!r}"
             headers[name.decode("latin-1").lower()] = value.decode("latin-1").strip()
-        if status < 200:  # 100 Continue: no body
+        if "server" not in headers or headers.get("connection") not in ("keep-alive", "close"):
+            return answers, f"HTTP {status} without micro_http's Server and Connection headers: {head[:200]!r}"
+        if status in (100, 204):  # micro_http: neither Content-Type nor Content-Length, no body
+            if "content-length" in headers or "content-type" in headers:
+                return answers, f"HTTP {status} with a Content-Length or Content-Type"
+            answers.append(Response(status, headers, b""))
             rest = after
             continue
         length_text = headers.get("content-length")
         if length_text is None:
-            if headers.get("connection", "").lower() != "close" or after:  # only HEAD answers carry no length
-                return answers, f"HTTP {status} without Content-Length"
-            length = 0
+            return answers, f"HTTP {status} without Content-Length"
         elif not length_text.isdigit():
             return answers, f"HTTP {status} with Content-Length {length_text!r}"
         else:
@@ -316,8 +329,7 @@ def parse_responses(stream: bytes) -> tuple[list[Response], str | None]:
         if len(after) < length:
             return answers, f"HTTP {status}: body of {len(after)} bytes, {length} announced"
         body, rest = after[:length], after[length:]
-        # An answer to HEAD carries no body, so neither a length nor an error message.
-        problem = None if length_text is None else check_body(status, headers, body)
+        problem = check_body(status, headers, body)
         answers.append(Response(status, headers, body))
         if problem is not None:
             return answers, problem
@@ -325,23 +337,24 @@ def parse_responses(stream: bytes) -> tuple[list[Response], str | None]:
 
 
 def check_body(status: int, headers: dict[str, str], body: bytes) -> str | None:
-    """A body is empty or JSON; an error is ``{"error": one line}``; no traceback, no HTML, no internal error."""
+    """A body is empty or JSON; an error is Cloud Hypervisor's array of one-line messages (``ch-remote`` reads it
+    as ``Vec<String>``); no traceback, no HTML, no internal error."""
     if b"Traceback" in body or b"<html" in body.lower() or b"<!doctype" in body.lower():
         return f"HTTP {status} with a traceback or HTML body: {body[:200]!r}"
+    if headers.get("content-type") != "application/json":
+        return f"HTTP {status} is not labelled JSON ({headers.get('content-type')!r})"
     if not body:
         return f"HTTP {status} error without a body" if status >= 400 else None
-    if headers.get("content-type") != "application/json":
-        return f"HTTP {status} body is not labelled JSON ({headers.get('content-type')!r})"
     try:
         decoded = json.loads(body)
     except ValueError:
         return f"HTTP {status} body is not JSON: {body[:200]!r}"
     if status >= 400:
-        error = decoded.get("error") if isinstance(decoded, dict) else None
-        if not isinstance(error, str) or "\n" in error:
-            return f"HTTP {status} error is not one line of {{'error': ...}}: {body[:200]!r}"
-        if status == 500 and error.startswith("internal error"):
-            return f"HTTP 500 from a bug behind the route: {error[:200]}"
+        if not isinstance(decoded, list) or not decoded \
+                or not all(isinstance(m, str) and m and "\n" not in m for m in decoded):
+            return f"HTTP {status} error is not an array of one-line messages: {body[:200]!r}"
+        if any("internal error" in m for m in decoded):
+            return f"HTTP {status} from a bug behind the route: {body[:200]!r}"
     return None
 
 
@@ -366,7 +379,8 @@ FORBIDDEN_ACTIONS = frozenset({"vm.shutdown", "vmm.shutdown"})
 SEND_FIELDS = {"destination_url": str, "local": bool, "preserve_source": bool, "downtime_ms": int,
                "timeout_s": int, "timeout_strategy": str, "connections": int, "tls_dir": str, "memory_mode": str,
                "fault_connections": int}
-RECEIVE_FIELDS = {"receiver_url": str, "tls_dir": str, "memory_mode": str, "prefetch": str}
+RECEIVE_FIELDS = {"receiver_url": str, "tls_dir": str, "memory_mode": str, "vfio_fds": list, "iommufd_fd": int,
+                  "zone_updates": list, "prefetch": str}
 SNAPSHOT_FIELDS = {"destination_url": str}
 RESTORE_FIELDS = {"source_url": str, "prefault": bool, "memory_restore_mode": str, "net_fds": list,
                   "vfio_fds": list, "iommufd_fd": int, "resume": bool, "zone_updates": list}
@@ -376,8 +390,10 @@ FIELDS_OF = {"vm.send-migration": SEND_FIELDS, "vm.receive-migration": RECEIVE_F
 #: file:// URLs for vm.snapshot and vm.restore (a snapshot may really be written into the workdir; a restore
 #: never finds one there: restoring would give the empty target a VM).
 FILE_URL_FIELDS = frozenset({"source_url"})
-#: Postcopy: fault_connections is 1..16 (memory_mode=postcopy refuses local=true and connections > 1); prefetch
-#: (string or null) is page, off or a page-aligned size from 256K to 2M, and only with memory_mode=postcopy.
+#: Postcopy: fault_connections is 1..16 and only with memory_mode=postcopy (which refuses local=true and
+#: connections > 1); prefetch (string or null) is page, off or a page-aligned size from 256K to 2M, and only with
+#: memory_mode=postcopy.  preserve_source only with local (Cloud Hypervisor's rule).  Enums are Cloud
+#: Hypervisor's variant names (serde's "Postcopy", "Cancel") or all lower case.
 MAX_FAULT_CONNECTIONS = 16
 VALID_PREFETCH = ["page", "off", "PAGE", "256K", "1M", "2M", "2m", "524288", "300K", "1536K"]
 #: Refused: out of range, not page aligned, not a size.
@@ -465,23 +481,30 @@ class Generator:
         if action == "vm.send-migration":
             body: dict[str, Any] = {"destination_url": self._nowhere(rng)}
             postcopy = rng.random() < 0.3
-            optional = {"local": rng.random() < 0.5 and not postcopy, "preserve_source": rng.random() < 0.5,
+            local = rng.random() < 0.5 and not postcopy
+            optional = {"local": local, "preserve_source": local and rng.random() < 0.5,
                         "downtime_ms": rng.choice([1, 300, 10_000]), "timeout_s": rng.choice([1, 3600]),
-                        "timeout_strategy": rng.choice(["cancel", "ignore", "CANCEL"]),
+                        "timeout_strategy": rng.choice(["Cancel", "Ignore", "cancel", "ignore"]),
                         "connections": 1,
-                        "memory_mode": rng.choice(["postcopy", "PostCopy"] if postcopy else ["precopy", "PreCopy"]),
-                        "fault_connections": rng.choice([1, 2, 4, MAX_FAULT_CONNECTIONS]), "tls_dir": None}
+                        "memory_mode": rng.choice(["postcopy", "Postcopy"] if postcopy else ["precopy", "Precopy"]),
+                        "tls_dir": None}
+            if postcopy:
+                optional["fault_connections"] = rng.choice([1, 2, 4, MAX_FAULT_CONNECTIONS])
             for name in rng.sample(sorted(optional), rng.randrange(len(optional) + 1)):
                 body[name] = optional[name]
             if postcopy:
                 body["memory_mode"] = optional["memory_mode"]
+            if body.get("preserve_source"):
+                body["local"] = True
             return body
         if action == "vm.receive-migration":
             body = {"receiver_url": self._receive_url(rng)}
+            if rng.random() < 0.5:  # what ch-remote always sends along
+                body.update({"vfio_fds": None, "iommufd_fd": None, "zone_updates": []})
             if rng.random() < 0.3:
-                body["memory_mode"] = "precopy"
+                body["memory_mode"] = rng.choice(["precopy", "Precopy"])
             elif rng.random() < 0.4:
-                body["memory_mode"] = rng.choice(["postcopy", "POSTCOPY"])
+                body["memory_mode"] = rng.choice(["postcopy", "Postcopy"])
                 if rng.random() < 0.7:
                     body["prefetch"] = rng.choice(VALID_PREFETCH + [None])
             if rng.random() < 0.2:
@@ -744,7 +767,7 @@ def _guard(data: bytes) -> bytes:
 
 
 def _cancel(target: Target) -> None:
-    """Stop a receive-migration the case started (204), or nothing if none runs (409)."""
+    """Stop a receive-migration the case started (204), or nothing if none runs (500)."""
     try:
         stream, _ = exchange(target.api, b"PUT /api/v1/vm.cancel-migration HTTP/1.1\r\nContent-Length: 0\r\n\r\n",
                              time.monotonic() + ANSWER_TIMEOUT)
@@ -774,8 +797,8 @@ def run_case(case: Case) -> list[str]:
             problems.append(f"no end of the answer within {ANSWER_TIMEOUT + 1:g} s (got {len(stream)} bytes)")
         if case.expect_answer and not answers:
             problems.append("a complete request got no answer")
-        if any(a.status == 503 for a in answers):
-            problems.append("503 (connection cap) with only this case's connection open")
+        if any(a.status == 429 for a in answers):
+            problems.append("429 (connection cap) with only this case's connection open")
         if case.kind == "valid" and any(a.status == 400 for a in answers):
             # The model's valid bodies follow every rule of the fields (postcopy's too): a 400 means the
             # model and the server disagree about what is valid.
@@ -803,7 +826,7 @@ def run_case(case: Case) -> list[str]:
 
 
 def _idle_burst(case: Case) -> list[str]:
-    """Open ``burst`` connections that say little or nothing; those past the cap must get a JSON 503."""
+    """Open ``burst`` connections that say little or nothing; those past the cap must get a JSON 429."""
     problems: list[str] = []
     socks: list[socket.socket] = []
     try:
@@ -823,12 +846,12 @@ def _idle_burst(case: Case) -> list[str]:
                 answers, problem = parse_responses(stream)
                 if problem is not None:
                     problems.append(f"idle connection: {problem}")
-                elif [a.status for a in answers] == [503]:
+                elif [a.status for a in answers] == [429]:
                     refused += 1
                 else:
                     problems.append(f"idle connection answered {[a.status for a in answers]} before its request")
         if refused < expected:
-            problems.append(f"{case.burst} idle connections: {refused} answered 503, expected {expected}")
+            problems.append(f"{case.burst} idle connections: {refused} answered 429, expected {expected}")
     except OSError as exc:
         problems.append(f"idle burst: {exc}")
     finally:

@@ -258,7 +258,7 @@ def _empty(vmm: VmmProcess) -> bool:
         vmm.call("GET", "vmm.ping", timeout=5)
         vmm.info()
     except ApiError as exc:
-        return exc.status == 409 and "no VM" in str(exc)
+        return exc.status == 404 and "not created" in str(exc)
     return False  # it has a VM
 
 
