@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from . import protocol as p
+from . import apiconfig
 from .channel import Channel, IncomingRequest, Observers
 from .destination import Destination
 from .errors import (
@@ -38,53 +39,20 @@ from .errors import (
     ProtocolError,
     StuckThreadError,
     TransportError,
-    UsageError,
 )
+from .events import EventHook, no_events
 from .memory import GuestMemory
 from .postcopy import PostcopyPager, PostcopyStats, Prefetch
 from .stats import MigrationStats
 from .threads import ThreadGroup
-from .transport import Connection, ConnectionClosed, Listener, TlsConfig, parse_url
+from .transport import Connection, ConnectionClosed, Listener
 from .vm import Vm
 
 log = logging.getLogger(__name__)
 
-@dataclass
-class ReceiveOptions:
-    """``VmReceiveMigrationData``, and the same options from ``chmig receive``."""
-
-    receiver_url: str
-    tls_dir: str | None = None
-    memory_mode: str = "precopy"
-    #: Postcopy: how the pages no fault asked for are pulled (``page``, ``off`` or a size, 256K..2M).
-    prefetch: str | None = None
-    #: Fault in each range with MADV_POPULATE_WRITE just before its data arrives (see bench/precopy.py).
-    populate: bool = True
-
-    @classmethod
-    def from_api(cls, body: dict) -> ReceiveOptions:
-        options = cls(**body)
-        options.validate()
-        return options
-
-    def validate(self) -> None:
-        try:
-            parse_url(self.receiver_url)
-        except TransportError as exc:
-            raise UsageError(f"receiver_url {exc}") from None
-        self.memory_mode = mode = (self.memory_mode or "precopy").lower()
-        if mode not in ("precopy", "postcopy"):
-            raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}")
-        if self.prefetch is not None and mode != "postcopy":
-            raise UsageError("prefetch is only for memory_mode=postcopy")
-        self.pull()
-
-    def pull(self) -> Prefetch:
-        """The postcopy pull these options ask for."""
-        return Prefetch.parse(self.prefetch)
-
-    def tls(self) -> TlsConfig | None:
-        return TlsConfig.from_dir(self.tls_dir, role="server") if self.tls_dir else None
+# ``ReceiveOptions`` (Cloud Hypervisor's ``VmReceiveMigrationData``) lives with the other request structs in
+# apiconfig.py, so that a client can build and check a request without the VM stack; re-exported here.
+ReceiveOptions = apiconfig.ReceiveOptions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,6 +261,9 @@ class Receiver:
     prefetch: Prefetch = field(default_factory=Prefetch)
     stats: MigrationStats = field(default_factory=lambda: MigrationStats(role="destination"))
     observers: Observers = field(default_factory=Observers)
+    #: Cloud Hypervisor's ``vm`` events of the receive (the sender connected, the VM restored and resumed),
+    #: for the VMM's event monitor; this module does not know where they go.
+    on_event: EventHook = no_events
     destination: Destination = field(init=False)
     machine: p.ReceiverMachine = field(init=False)
     #: Fault connections handed over by the acceptor (postcopy takes them from here).
@@ -332,6 +303,7 @@ class Receiver:
             self.stats.finish("cancelled" if self._cancelled.is_set() else "failed", str(exc))
             raise
         self.channel = channel
+        self.on_event("migration-receive-started", None)
         if self._cancelled.is_set():
             channel.shutdown()
         self.stats._begin = time.monotonic()
@@ -518,7 +490,8 @@ class Receiver:
                 raise ProtocolError("the source opened a Fault connection: it migrates by postcopy, but this "
                                     "destination receives by precopy (memory_mode=postcopy on both sides)",
                                     where="State")
-            self.destination.restore(incoming.payload, ready=self._check_memory_arrived)
+            self.destination.restore(incoming.payload, ready=self._ready_to_restore)
+            self.on_event("restored", None)
             return
         assert self.memory is not None
         self.pager = PostcopyPager(self.memory, faults, self.prefetch, self.limits,
@@ -529,10 +502,17 @@ class Receiver:
         self.pager.register()
         # Faults are served before the restore: loading a real guest's state may touch its RAM (kvmclock).
         self.pager.start()
+        self.on_event("restoring", None)
         self.destination.restore(incoming.payload)
+        self.on_event("restored", None)
 
     def _check_memory_arrived(self) -> None:
         p.check_memory_before_state(self.memory_mode, self.stats.total_bytes, self.destination.mode == "local")
+
+    def _ready_to_restore(self) -> None:
+        """Precopy's last check before the State is loaded; only then does the restore begin (its event)."""
+        self._check_memory_arrived()
+        self.on_event("restoring", None)
 
     def _take_fault_connections(self) -> list[Channel]:
         """Postcopy: the first Fault connection (at most ``fault_connection_wait_s``), then those queued with it."""
@@ -557,7 +537,9 @@ class Receiver:
     def on_complete(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Complete*: resume the VM (from here on it is never discarded, see :meth:`cancel`)."""
         self._pass_point_of_no_return("Complete")
+        self.on_event("resuming", None)
         self.destination.complete(resume=True)
+        self.on_event("resumed", None)
 
     def on_complete_paused(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *CompletePaused*: the VM stays paused, as it was on the source."""

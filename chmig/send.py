@@ -16,6 +16,14 @@ of the final (paused) iteration.
 
 Until the destination acknowledged Complete, any failure leaves the source as
 it was: dirty logging off, the VM resumed if it was running, the API serving.
+
+While it runs, the sender keeps ``stats.progress`` current (the phase, the
+iteration in flight and how much of it went out, the last bandwidth and dirty
+rate, the estimated downtime) for ``vm.info``'s live progress, and reports
+Cloud Hypervisor's events of a migration (``migration-memory-iteration`` after
+each iteration sent while the VM runs, ``pausing``/``paused``, the resume of a
+rollback, ``postcopy-migration-completed``) through the ``on_event`` hook it is
+given: this module does not know the VMM or its event monitor.
 """
 
 from __future__ import annotations
@@ -25,9 +33,10 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
+from typing import Iterator
 
 from . import protocol as p
+from .apiconfig import SendOptions
 from .channel import Channel, Observers
 from .errors import (
     ChmigError,
@@ -35,14 +44,13 @@ from .errors import (
     MigrationError,
     PeerError,
     PostcopyError,
-    TransportError,
-    UsageError,
 )
+from .events import EventHook, no_events
 from .memory import GuestMemory
 from .postcopy import PostcopyStats, PresentPages
-from .stats import Iteration, MigrationStats
+from .stats import Iteration, MigrationStats, Progress
 from .threads import ThreadGroup
-from .transport import TlsConfig, Url, connect, parse_url
+from .transport import connect
 from .units import MiB
 from .vm import Vm, VmState
 
@@ -51,74 +59,47 @@ log = logging.getLogger(__name__)
 #: Chunks queued per worker connection before the producer waits (Cloud Hypervisor: 64).
 QUEUED_CHUNKS_PER_WORKER = 64
 
+#: The live progress moves at least this often within a range (a range of a populated table may be GiBs).
+PROGRESS_PIECE = 16 * MiB
 
-@dataclass
-class SendOptions:
-    """``VmSendMigrationData``: Cloud Hypervisor's field names and defaults."""
 
-    destination_url: str
-    local: bool = False
-    preserve_source: bool = False
-    downtime_ms: int = 300
-    timeout_s: int = 3600
-    timeout_strategy: str = "cancel"
-    connections: int = 1
-    tls_dir: str | None = None
-    memory_mode: str = "precopy"
-    #: Postcopy (a chmig extension): Fault connections to open; the destination keeps the first for urgent
-    #: faults and pulls over the others.  A Cloud Hypervisor destination uses one and closes the rest.
-    fault_connections: int = p.DEFAULT_FAULT_CONNECTIONS
-
-    @classmethod
-    def from_api(cls, body: dict) -> SendOptions:
-        options = cls(**body)
-        options.timeout_strategy = options.timeout_strategy.lower()
-        options.memory_mode = options.memory_mode.lower()
-        options.validate()
-        return options
-
-    def validate(self) -> None:
-        try:
-            url = parse_url(self.destination_url)
-        except TransportError as exc:
-            raise UsageError(f"destination_url {exc}") from None
-        if self.downtime_ms <= 0:
-            raise UsageError("downtime_ms must be non-zero")
-        if self.timeout_s <= 0:
-            raise UsageError("timeout_s must be non-zero")
-        if self.timeout_strategy not in ("cancel", "ignore"):
-            raise UsageError(f"timeout_strategy must be cancel or ignore, got {self.timeout_strategy!r}")
-        most = p.DEFAULT_LIMITS.max_connections
-        if not 1 <= self.connections <= most:
-            raise UsageError(f"connections must be 1..{most}, got {self.connections}")
-        if self.connections > 1 and url.scheme != "tcp":
-            raise UsageError("connections > 1 is only supported with tcp: URLs")
-        if self.local and url.scheme != "unix":
-            raise UsageError("--local option is only supported with UNIX sockets")
-        if self.memory_mode not in ("precopy", "postcopy"):
-            raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}")
-        most_faults = p.DEFAULT_LIMITS.max_fault_connections
-        if not 1 <= self.fault_connections <= most_faults:
-            raise UsageError(f"fault_connections must be 1..{most_faults}, got {self.fault_connections}")
-        if self.memory_mode == "postcopy":
-            # Cloud Hypervisor refuses these combinations too.
-            if self.local:
-                raise UsageError("memory_mode=postcopy cannot be combined with local migration")
-            if self.connections > 1:
-                raise UsageError("memory_mode=postcopy cannot be combined with connections > 1 "
-                                 "(use fault_connections=N)")
-
-    @property
-    def url(self) -> Url:
-        return parse_url(self.destination_url)
-
-    def tls(self) -> TlsConfig | None:
-        return TlsConfig.from_dir(self.tls_dir, role="client") if self.tls_dir else None
+# ``SendOptions`` (Cloud Hypervisor's ``VmSendMigrationData``) lives with the other request structs in
+# apiconfig.py, so that a client can build and check a request without the VM stack; re-exported here.
 
 
 # ---------------------------------------------------------------------------------------------
 # Memory over N worker connections
 # ---------------------------------------------------------------------------------------------
+
+
+class CountedMemory:
+    """Guest memory as the data path reads it, reporting each piece to the live progress once it is written.
+
+    :meth:`chmig.channel.Channel.send_memory` writes the pieces ``split``
+    yields one after the other; the generator resumes (and counts the piece)
+    only when the channel asks for the next one, so a piece is counted after
+    its ``write_all`` returned — and never when the write failed.  Pieces are
+    cut to :data:`PROGRESS_PIECE` so a huge range moves the progress too.
+    """
+
+    def __init__(self, memory: GuestMemory, progress: Progress) -> None:
+        self.memory = memory
+        self.progress = progress
+
+    def split(self, rng: p.MemoryRange) -> Iterator[tuple[int, int]]:
+        for gpa, length in self.memory.split(rng):
+            while length:
+                take = min(length, PROGRESS_PIECE)
+                yield gpa, take
+                self.progress.sent(take)
+                gpa += take
+                length -= take
+
+    def view(self, gpa: int, length: int) -> memoryview:
+        return self.memory.view(gpa, length)
+
+    def populate_range(self, gpa: int, length: int) -> None:
+        self.memory.populate_range(gpa, length)
 
 
 class MemorySender:
@@ -134,10 +115,11 @@ class MemorySender:
     """
 
     def __init__(self, main: Channel, memory: GuestMemory, options: SendOptions, observers: Observers,
-                 limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+                 limits: p.Limits = p.DEFAULT_LIMITS, progress: Progress | None = None) -> None:
         self.main = main
         self.limits = limits
-        self.memory = memory
+        #: What the connections read from: guest memory, counted into the live progress when there is one.
+        self.memory: GuestMemory | CountedMemory = memory if progress is None else CountedMemory(memory, progress)
         self.options = options
         self.observers = observers
         self.workers: list[Channel] = []
@@ -345,8 +327,12 @@ class Sender:
     """One outgoing migration of ``vm``; :meth:`run` either hands the VM over or leaves it be."""
 
     def __init__(self, vm: Vm, options: SendOptions, stats: MigrationStats,
-                 observers: Observers | None = None, limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+                 observers: Observers | None = None, limits: p.Limits = p.DEFAULT_LIMITS,
+                 on_event: EventHook | None = None) -> None:
         self.vm = vm
+        #: Cloud Hypervisor's ``vm`` events of the migration (iterations, the pause, postcopy's end), for the
+        #: VMM's event monitor; this module does not know where they go.
+        self.on_event: EventHook = on_event or no_events
         self.options = options
         self.stats = stats
         self.observers = observers if observers is not None else Observers()
@@ -455,11 +441,14 @@ class Sender:
             self.fault_server.open()
         else:
             assert self.channel is not None
-            self.memory_sender = MemorySender(self.channel, vm.memory, self.options, self.observers, self.limits)
+            self.stats.progress = Progress()
+            self.memory_sender = MemorySender(self.channel, vm.memory, self.options, self.observers, self.limits,
+                                              self.stats.progress)
             if self.cancelled:  # cancel() may have run before the memory sender existed
                 raise MigrationError("the migration was cancelled", where="send")
             self.memory_sender.open()
             self._precopy()
+        self._enter("state")
         capture_begin = time.monotonic()
         state = json_bytes(vm.capture_state())
         self.stats.state_capture_ms = _ms_since(capture_begin)
@@ -507,6 +496,7 @@ class Sender:
         Fault connection.  A failure now cannot be rolled back: this VM stays paused with all its memory."""
         assert self.channel is not None and self.stats.postcopy is not None
         self.channel.close()  # the main connection has nothing more to say
+        self._enter("postcopy")
         try:
             server.wait()
         except PostcopyUnknown:
@@ -518,6 +508,7 @@ class Sender:
                                 "cannot go on, and this VM stays here, paused, with all its memory",
                                 where="postcopy") from None
         self.stats.postcopy.status = "served"
+        self.on_event("postcopy-migration-completed", None)  # the destination has every page
 
     def _send_memory_fds(self) -> None:
         """Local migration: one MemoryFd (slot number + memfd as SCM_RIGHTS) per slot.
@@ -536,11 +527,20 @@ class Sender:
             self.machine.acknowledged(p.Command.MEMORY_FD)
         self.stats.mode = "local"
 
+    def _enter(self, phase: str) -> None:
+        """The live progress moves on to ``phase`` (no iteration runs in it)."""
+        progress = self.stats.progress
+        if progress is None:  # local or postcopy: no iteration ran before
+            self.stats.progress = progress = Progress()
+        progress.begin(phase, progress.iteration, 0)
+
     def _pause(self) -> None:
         self.downtime_begin = time.monotonic()
         if self.vm.state == VmState.RUNNING:
+            self.on_event("pausing", None)
             self.vm.pause()
             self.paused_by_us = True
+            self.on_event("paused", None)
         # The guest is down now: a silent destination gets much less time before we roll back.
         paused = self.limits.paused_response_timeout_s
         assert self.channel is not None
@@ -572,11 +572,15 @@ class Sender:
             if self._converged(table, estimated):
                 break
             transfer_begin = time.monotonic()
+            self._progress("precopy", number, table, dirty_rate, estimated)
             self.machine.check_send(p.Command.MEMORY)  # on whichever connection, Memory belongs after Config
             self.memory_sender.send(table)
             duration = time.monotonic() - transfer_begin
             bandwidth = table.total_bytes / max(duration, 1e-6)
             self._record(number, table, duration, bandwidth, dirty_rate, estimated)
+            # Cloud Hypervisor's event after each iteration sent while the VM runs (not the final one): lets
+            # management software follow the migration forward.
+            self.on_event("migration-memory-iteration", {"id": str(number)})
             number += 1
         remaining = table
         self._pause()
@@ -585,6 +589,8 @@ class Sender:
         final_dirty_rate = final.total_bytes / max(final_begin - last_log_read, 1e-6)
         final.extend(remaining)
         vm.stop_dirty_log()
+        self._progress("final", number, final, final_dirty_rate,
+                       final.total_bytes / bandwidth if bandwidth else None)
         self.machine.check_send(p.Command.MEMORY)
         self.memory_sender.send(final)
         # Close the workers now: the destination waits for them to end before it restores State.
@@ -593,6 +599,14 @@ class Sender:
         self.stats.final_iteration_ms = round(duration * 1000, 3)
         self._record(number, final, duration, final.total_bytes / max(duration, 1e-6), final_dirty_rate,
                      final.total_bytes / bandwidth if bandwidth else None, final=True)
+
+    def _progress(self, phase: str, number: int, table: p.MemoryRangeTable, dirty_rate: float,
+                  estimated: float | None) -> None:
+        """An iteration starts: the live progress shows its size and the estimates it was decided on."""
+        if self.stats.progress is not None:
+            self.stats.progress.begin(phase, number, table.total_bytes,
+                                      dirty_rate_mib_s=round(dirty_rate / MiB, 1),
+                                      estimated_downtime_ms=None if estimated is None else round(estimated * 1000, 3))
 
     def _converged(self, table: p.MemoryRangeTable, estimated_s: float | None) -> bool:
         if not table:
@@ -628,6 +642,8 @@ class Sender:
         )
         self.stats.iterations.append(iteration)
         self.stats.total_bytes += table.total_bytes
+        if self.stats.progress is not None:
+            self.stats.progress.bandwidth_mib_s = iteration.bandwidth_mib_s
         log.debug("precopy iteration %s", iteration)
 
     @property
@@ -664,7 +680,9 @@ class Sender:
             except ChmigError as abandon_error:
                 log.info("the destination did not take the Abandon: %s", abandon_error)
         if self.paused_by_us and self.vm.state == VmState.PAUSED:
+            self.on_event("resuming", None)
             self.vm.resume()
+            self.on_event("resumed", None)
         log.warning("migration failed, the VM stays here (%s): %s", self.vm.state, exc)
 
 

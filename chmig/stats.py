@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
@@ -30,6 +31,56 @@ class Iteration:
 
 
 @dataclass
+class Progress:
+    """What the sender is doing right now: shown live by ``vm.info`` (``migration.progress``) while it runs.
+
+    The sender updates it in place; readers (the API thread) take a snapshot
+    with :meth:`to_json`.  ``iteration_sent`` grows as the bytes of the
+    iteration go out (see :meth:`sent`), from whichever memory connection
+    carries them, so a progress line moves within a long iteration.
+    """
+
+    #: ``precopy`` (an iteration while the VM runs), ``final`` (the paused last iteration), ``state`` (State
+    #: and Complete), ``postcopy`` (the destination runs the VM and pulls the rest from here).
+    phase: str = "precopy"
+    iteration: int = 0
+    #: Bytes of the iteration in flight, and how many of them have gone out so far.
+    iteration_bytes: int = 0
+    iteration_sent: int = 0
+    #: Of the last finished iteration (0 before the first one ended).
+    bandwidth_mib_s: float = 0.0
+    #: How fast the guest dirtied memory while the previous iteration ran.
+    dirty_rate_mib_s: float = 0.0
+    #: What sending the iteration in flight would cost as downtime, at the last bandwidth (None: unknown yet).
+    estimated_downtime_ms: float | None = None
+
+    def __post_init__(self) -> None:
+        # Memory workers report bytes concurrently; a lock per piece (each one at least a page, usually MiBs,
+        # written by a system call) costs nothing next to the write.
+        self._lock = threading.Lock()
+
+    def begin(self, phase: str, iteration: int, iteration_bytes: int, *, dirty_rate_mib_s: float = 0.0,
+              estimated_downtime_ms: float | None = None) -> None:
+        """A new iteration (or phase) starts: its size, and the estimates it was decided on."""
+        with self._lock:
+            self.phase = phase
+            self.iteration = iteration
+            self.iteration_bytes = iteration_bytes
+            self.iteration_sent = 0
+            self.dirty_rate_mib_s = dirty_rate_mib_s
+            self.estimated_downtime_ms = estimated_downtime_ms
+
+    def sent(self, nbytes: int) -> None:
+        """``nbytes`` more of the iteration went out (called by the threads that write memory)."""
+        with self._lock:
+            self.iteration_sent += nbytes
+
+    def to_json(self) -> dict[str, Any]:
+        with self._lock:
+            return {f.name: getattr(self, f.name) for f in fields(self)}
+
+
+@dataclass
 class MigrationStats:
     """Everything measured about one migration, on either side."""
 
@@ -54,6 +105,8 @@ class MigrationStats:
     downtime_goal_ms: int | None = None
     #: Postcopy (:class:`chmig.postcopy.PostcopyStats`): faults, the pull, latency, time until whole.
     postcopy: Any = None
+    #: While a send runs: what it is doing right now (None before its first iteration and once it ended).
+    progress: Progress | None = None
     started_at: float = field(default_factory=time.time)
     _begin: float = field(default_factory=time.monotonic, repr=False)
 
@@ -69,6 +122,8 @@ class MigrationStats:
         data = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "_begin"}
         data["iterations"] = [asdict(iteration) for iteration in self.iterations]
         data["postcopy"] = self.postcopy.to_json() if self.postcopy is not None else None
+        progress = self.progress
+        data["progress"] = progress.to_json() if progress is not None and self.status == "running" else None
         if self.status == "running":
             data["total_time_ms"] = _ms(self.elapsed())
         return data

@@ -19,6 +19,20 @@ nothing resumes it meanwhile); ``vm.restore`` (or ``chmig run --restore``)
 runs as a task like a receive, on an empty VMM, and adopts the VM it built.
 An on-demand restore leaves a pager bringing the RAM in from the snapshot,
 owned here as a postcopy receive's is.
+
+Events (``--event-monitor``, :mod:`chmig.events`): the VMM reports Cloud
+Hypervisor's events at the points where Cloud Hypervisor reports them —
+``vmm starting`` first and ``vmm shutdown`` last (after ``vm shutdown`` and
+``vm deleted`` for a VM it still has, as CH's ``vmm_shutdown`` deletes it);
+``vm booting/booted``, ``pausing/paused``, ``resuming/resumed``,
+``shutdown``, ``deleted``, ``snapshotting/snapshotted``,
+``restoring/restored`` from the actions; ``migration-started``,
+``-finished``, ``-failed`` around a send, and
+``migration-receive-ready`` (listening), ``-started``, ``-finished``,
+``-failed`` around a receive.  The sender and the receiver report the events
+inside a migration (each ``migration-memory-iteration``, the pause, the
+restore and resume on the destination, ``postcopy-migration-completed``)
+through a hook they are given, so they stay free of the VMM.
 """
 
 from __future__ import annotations
@@ -36,6 +50,7 @@ if TYPE_CHECKING:
 from . import __version__
 from .channel import Observers
 from .errors import ChmigError, MigrationError, NoVmError, PostcopyError, StuckThreadError, UsageError, VmError
+from .events import EventMonitor
 from .memory import GuestMemory
 from .postcopy import PostcopyPager
 from .receive import ReceiveOptions, Receiver
@@ -44,7 +59,7 @@ from .snapshot_dir import SnapshotError
 from .stats import MigrationStats
 from .threads import ThreadGroup
 from .transport import listen, parse_url
-from .vm import Serial, Vm, VmConfig, VmState
+from .vm import Serial, Vm, VmConfig, VmState, parse_serial
 
 if TYPE_CHECKING:
     from .snapshot import RestoreConfig, RestoreStats
@@ -109,8 +124,13 @@ class MigrationTask:
 class Vmm:
     """One VMM: its VM (or none), the migration in progress, and the process's exit."""
 
-    def __init__(self, serial_spec: str = "tty") -> None:
+    def __init__(self, serial_spec: str = "null", events: EventMonitor | None = None) -> None:
         self.serial_spec = serial_spec
+        #: Where Cloud Hypervisor's events go (``--event-monitor``); the null monitor only logs them.
+        self.events = events if events is not None else EventMonitor()
+        #: While a receive runs, for ``vmm.ping``: its state (``listening``, ``receiving``) and address.
+        self.receiving: dict[str, str] | None = None
+        self._shutdown_reported = False
         self.vm: Vm | None = None
         #: The configuration of the VM last booted here: after ``vm.shutdown`` the VM is "Created" again
         #: (Cloud Hypervisor keeps its config), ``vm.boot`` boots it anew and ``vm.delete`` forgets it.
@@ -147,6 +167,7 @@ class Vmm:
         with self.lock:
             if self.vm is not None and self.vm.state != VmState.SHUTDOWN:
                 raise VmError("a VM already exists")
+            self.events.emit("vm", "booting")
             serial = Serial(self.serial_spec)
             try:
                 memory = GuestMemory.create(config.zones)
@@ -159,6 +180,7 @@ class Vmm:
             vm.start()
             self.vm = vm
             self.vm_config = config
+            self.events.emit("vm", "booted")
             log.info("VM booted: %d vCPUs, %d MiB, workload %s", config.cpus, vm.memory.total_size >> 20,
                      config.workload.kind)
             return vm
@@ -189,7 +211,14 @@ class Vmm:
     # -- API actions -----------------------------------------------------------------------------
 
     def ping(self) -> dict:
-        return {"build_version": f"chmig {__version__}", "version": __version__, "pid": os.getpid(), "features": ["kvm"]}
+        """Cloud Hypervisor's ``VmmPingResponse``; while a receive runs, also its state (a chmig extension: so
+        ``remote receive-migration`` and scripts can tell that it listens, and where)."""
+        answer: dict = {"build_version": f"chmig {__version__}", "version": __version__, "pid": os.getpid(),
+                        "features": ["kvm"]}
+        receiving = self.receiving
+        if receiving is not None:
+            answer["migration"] = dict(receiving)
+        return answer
 
     def info(self) -> dict:
         if self.vm is None and self.vm_config is not None:  # shut down: Cloud Hypervisor shows it "Created"
@@ -209,12 +238,18 @@ class Vmm:
     def pause(self) -> None:
         with self.lock:
             self._require_idle("pause")
-            self.require_vm().pause()
+            vm = self.require_vm()
+            self.events.emit("vm", "pausing")
+            vm.pause()
+            self.events.emit("vm", "paused")
 
     def resume(self) -> None:
         with self.lock:
             self._require_idle("resume")
-            self.require_vm().resume()
+            vm = self.require_vm()
+            self.events.emit("vm", "resuming")
+            vm.resume()
+            self.events.emit("vm", "resumed")
 
     def shutdown_vm(self) -> None:
         with self.lock:
@@ -223,6 +258,7 @@ class Vmm:
             self._stop_postcopy()  # its threads write into the RAM that is about to go
             self.postcopy = None  # the next VM is not bound by this one's pages
             self._drop_vm()
+            self.events.emit("vm", "shutdown")
 
     def boot_created(self) -> None:
         """``vm.boot``: boot the VM that was shut down again, from its configuration."""
@@ -241,9 +277,12 @@ class Vmm:
         """``vm.delete``: shut the VM down if it runs and forget its configuration."""
         with self.lock:
             self._require_idle("delete the VM")
+            if self.vm_config is None and self.vm is None:
+                return  # Cloud Hypervisor: nothing to delete is not an error (and no event)
             if self.vm is not None:
                 self.shutdown_vm()
             self.vm_config = None
+            self.events.emit("vm", "deleted")
 
     def shutdown_vmm(self) -> None:
         self.exit_after_reply = True
@@ -294,16 +333,38 @@ class Vmm:
             vm = self.require_vm()
             if vm.state not in (VmState.RUNNING, VmState.PAUSED):
                 raise VmError(f"cannot migrate a VM that is {vm.state}")
-            sender = Sender(vm, options, new_stats(options), self.observers)
+            sender = Sender(vm, options, new_stats(options), self.observers, on_event=self._vm_event)
             self.sender = sender
             self.migration = sender.stats
-            self.task = task = MigrationTask("send-migration", lambda: send_migration(sender), sender.cancel)
+            self.task = task = MigrationTask("send-migration", lambda: self._send(sender), sender.cancel)
 
         def hand_over(stats: MigrationStats) -> None:
             if not options.preserve_source:
                 self.retire_vm()
 
         return self._run_task(task, hand_over).to_json()
+
+    def _vm_event(self, event: str, properties: dict[str, str] | None = None) -> None:
+        """The hook the sender and receiver report their ``vm`` events through."""
+        self.events.emit("vm", event, properties)
+
+    def _send(self, sender: Sender) -> MigrationStats:
+        """The send task's body: the migration between Cloud Hypervisor's migration-started and its outcome."""
+        self.events.emit("vm", "migration-started")
+        try:
+            stats = send_migration(sender)
+        except BaseException:
+            self.events.emit("vm", "migration-failed")
+            raise
+        self.events.emit("vm", "migration-finished")
+        return stats
+
+    def _receive_event(self, event: str, properties: dict[str, str] | None = None) -> None:
+        """The receiver's events; the sender's arrival also moves ``vmm.ping``'s receive state on."""
+        receiving = self.receiving
+        if event == "migration-receive-started" and receiving is not None:
+            self.receiving = {**receiving, "state": "receiving"}
+        self.events.emit("vm", event, properties)
 
     def receive_migration(self, options: ReceiveOptions,
                           on_listening: Callable[[str], None] | None = None) -> MigrationStats:
@@ -315,9 +376,10 @@ class Vmm:
             listener = listen(parse_url(options.receiver_url), options.tls())
             receiver = Receiver(listener, serial_spec=self.serial_spec, populate=options.populate,
                                 observers=self.observers, memory_mode=options.memory_mode,
-                                prefetch=options.pull())
+                                prefetch=options.pull(), on_event=self._receive_event)
             self.migration = receiver.stats
             self.task = task = MigrationTask("receive-migration", receiver.run, receiver.cancel)
+            self.receiving = {"kind": "receive-migration", "state": "listening", "address": str(listener.address)}
 
         def adopt(vm: Vm) -> None:
             self.adopt(vm)
@@ -327,10 +389,18 @@ class Vmm:
 
         try:
             log.info("waiting for a migration on %s", listener.address)
+            # The listener listens: a script waiting for this event may connect now.
+            self.events.emit("vm", "migration-receive-ready")
             if on_listening is not None:
                 on_listening(str(listener.address))
-            self._run_task(task, adopt)
+            try:
+                self._run_task(task, adopt)
+            except BaseException:
+                self.events.emit("vm", "migration-receive-failed")
+                raise
+            self.events.emit("vm", "migration-receive-finished")
         finally:
+            self.receiving = None
             listener.close()
             with self.lock:
                 if self.task is task:
@@ -346,7 +416,10 @@ class Vmm:
         with self.lock:  # held throughout: nothing may resume the VM while its memory is written
             self._require_idle("snapshot")
             self._require_whole("snapshot")
-            write_snapshot(self.require_vm(), destination_url)
+            vm = self.require_vm()
+            self.events.emit("vm", "snapshotting")
+            write_snapshot(vm, destination_url)
+            self.events.emit("vm", "snapshotted")
 
     def restore(self, config: RestoreConfig) -> RestoreStats:
         """Build the VM of a snapshot on this empty VMM and adopt it; return the restore's statistics."""
@@ -366,7 +439,12 @@ class Vmm:
             if pager is not None:
                 self._watch(pager, restore=True)
 
+        self.events.emit("vm", "restoring")
         self._run_task(task, adopt)
+        self.events.emit("vm", "restored")
+        if config.resume:  # Cloud Hypervisor resumes a restored VM as a vm.resume would
+            self.events.emit("vm", "resuming")
+            self.events.emit("vm", "resumed")
         return restore.stats
 
     # -- postcopy ------------------------------------------------------------------------------
@@ -481,7 +559,20 @@ class Vmm:
             except StuckThreadError as exc:
                 log.error("shutting down: %s", exc)
         with self.lock:
+            had_vm = self.vm is not None
             self._drop_vm()
+            self._report_shutdown(had_vm)
+
+    def _report_shutdown(self, had_vm: bool) -> None:
+        """Cloud Hypervisor's ``vmm_shutdown``: the VM is shut down and deleted (if there is one), then the VMM."""
+        if self._shutdown_reported:
+            return
+        self._shutdown_reported = True
+        if self.vm_config is not None or had_vm:
+            if had_vm:
+                self.events.emit("vm", "shutdown")
+            self.events.emit("vm", "deleted")
+        self.events.emit("vmm", "shutdown")
 
 
 def _reporting_stuck(close: Callable[[], None], what: str) -> None:
@@ -507,15 +598,24 @@ def install_exit_signals(vmm: Vmm) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def start_api(vmm: Vmm, api_socket: str | None) -> ApiServer | None:
-    """Serve the API on ``api_socket`` (if given) from its own thread."""
+def start_api(vmm: Vmm, api_socket: str | None, api_socket_fd: int | None = None) -> ApiServer | None:
+    """Serve the API on ``api_socket``, or on the inherited listening socket ``api_socket_fd`` (Cloud
+    Hypervisor's ``--api-socket fd=N``), from its own thread; None when neither is given."""
     from .api import ApiServer
 
-    if not api_socket:
+    if api_socket_fd is not None:
+        server = ApiServer(api_socket or None, vmm, fd=api_socket_fd)
+    elif api_socket:
+        server = ApiServer(api_socket, vmm)
+    else:
         return None
-    server = ApiServer(api_socket, vmm)
     server.start()
     return server
+
+
+def _api_args(args: argparse.Namespace) -> tuple[str | None, int | None]:
+    """``--api-socket`` as the CLI parsed it: a path, or an inherited fd (either may be absent on ``args``)."""
+    return getattr(args, "api_socket", None) or None, getattr(args, "api_socket_fd", None)
 
 
 def wait_for_exit(vmm: Vmm, server: ApiServer | None) -> int:
@@ -530,8 +630,26 @@ def wait_for_exit(vmm: Vmm, server: ApiServer | None) -> int:
     return vmm.exit_code
 
 
+def _with_events(args: argparse.Namespace, body: Callable[[EventMonitor], int]) -> int:
+    """Open ``--event-monitor`` before anything else (Cloud Hypervisor reports ``vmm starting`` first), run
+    ``body``, and close the monitor last, once every event of the VMM's end is queued."""
+    events = EventMonitor.open(getattr(args, "event_monitor", None))
+    try:
+        events.emit("vmm", "starting")
+        return body(events)
+    finally:
+        events.close()
+
+
 def main_run(args: argparse.Namespace) -> int:
     """``chmig run``: boot a VM, restore one (``--restore``), or wait empty for either through the API."""
+    return _with_events(args, lambda events: _run(args, events))
+
+
+def _run(args: argparse.Namespace, events: EventMonitor) -> int:
+    api_socket, api_socket_fd = _api_args(args)
+    has_api = api_socket is not None or api_socket_fd is not None
+    parse_serial(args.serial)  # an empty VMM uses it for the VM it will receive or restore: check it now
     vm_options = args.cpus or args.memory or args.memory_zone or args.workload
     restore = None
     if args.restore:
@@ -541,8 +659,8 @@ def main_run(args: argparse.Namespace) -> int:
         if vm_options:
             raise UsageError("--restore builds the VM from its snapshot: give no --cpus, --memory, --memory-zone "
                              "or --workload with it")
-    vmm = Vmm(args.serial)
-    vmm.exit_on_vm_failure = not args.api_socket
+    vmm = Vmm(args.serial, events)
+    vmm.exit_on_vm_failure = not has_api
     if restore is not None:
         Serial(args.serial).close()  # reject a bad --serial before reading the snapshot
         try:
@@ -552,7 +670,7 @@ def main_run(args: argparse.Namespace) -> int:
             vmm.close()
             raise
     elif not vm_options:
-        if not args.api_socket:
+        if not has_api:
             raise UsageError("nothing to run: give VM options (--cpus, --memory, --workload), --restore, "
                              "or --api-socket")
         log.info("empty VMM: waiting for a restore or an incoming migration")
@@ -560,7 +678,7 @@ def main_run(args: argparse.Namespace) -> int:
         Serial(args.serial).close()  # reject a bad --serial before booting anything
         vmm.boot(VmConfig.from_args(args.cpus, args.memory, args.memory_zone, args.workload))
     try:
-        server = start_api(vmm, args.api_socket)
+        server = start_api(vmm, api_socket, api_socket_fd)
     except BaseException:
         vmm.close()
         raise
@@ -572,13 +690,18 @@ def main_run(args: argparse.Namespace) -> int:
 
 def main_receive(args: argparse.Namespace) -> int:
     """``chmig receive --listen URL``: wait for one migration, then run the VM it brought."""
+    return _with_events(args, lambda events: _receive(args, events))
+
+
+def _receive(args: argparse.Namespace, events: EventMonitor) -> int:
+    api_socket, api_socket_fd = _api_args(args)
     Serial(args.serial).close()  # a bad --serial is an error before anything listens
     options = ReceiveOptions(receiver_url=args.listen, tls_dir=args.tls_dir, memory_mode=args.memory_mode,
                              prefetch=args.prefetch)
     options.validate()
-    vmm = Vmm(args.serial)
-    vmm.exit_on_vm_failure = not args.api_socket
-    server = start_api(vmm, args.api_socket)
+    vmm = Vmm(args.serial, events)
+    vmm.exit_on_vm_failure = api_socket is None and api_socket_fd is None
+    server = start_api(vmm, api_socket, api_socket_fd)
     try:
         stats = vmm.receive_migration(
             options, on_listening=lambda address: print(f"chmig receive: listening on {address}", flush=True))
