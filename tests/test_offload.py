@@ -201,7 +201,7 @@ def no_vm(vmm: VmmProcess) -> bool:
     try:
         vmm.info()
     except ApiError as exc:
-        return "no VM" in str(exc)
+        return exc.status == 404  # NoVmError: Cloud Hypervisor's VmNotCreated
     return False
 
 

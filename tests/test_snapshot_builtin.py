@@ -10,7 +10,7 @@
 * Failures are loud: a flipped byte in ``memory-ranges`` is refused before
   anything runs (``copy``) or stops the VM with the error naming the snapshot
   (``ondemand``), never a silently corrupted guest; a missing or truncated
-  file is one clear error; a snapshot of a running VM is refused (409).
+  file is one clear error; a snapshot of a running VM is refused (500).
 * The same through ``chmig remote snapshot|restore`` and ``chmig run --restore``,
   and :class:`~chmig.snapshot.RestoreConfig` against Cloud Hypervisor's own parsing tests.
 """
@@ -222,7 +222,7 @@ def test_restore_continues_the_guest(procs: Processes, saved: tuple[Path, dict],
     vmm = procs.run()
     with pytest.raises(ApiError) as empty:
         vmm.info()
-    assert empty.value.status == 409
+    assert empty.value.status == 404
     restore(vmm, directory, memory_restore_mode=mode, resume=resume)
 
     restored = vmm.info()
@@ -285,7 +285,7 @@ def test_remote_snapshot_restore_and_command_line_restore(procs: Processes, tmp_
     log = tmp_path / "remote.log"
     running = chmig(log, "remote", "--api-socket", source.api, "snapshot", url(directory))
     assert running.returncode == 1 and len(error_lines(running)) == 1, running.stderr
-    assert "HTTP 409" in running.stderr and "pause" in running.stderr, running.stderr
+    assert "HTTP 500" in running.stderr and "pause" in running.stderr, running.stderr
     assert not directory.exists()
     assert chmig(log, "remote", "--api-socket", source.api, "pause").returncode == 0
     paused = source.info()
@@ -347,7 +347,7 @@ def test_flipped_byte_is_refused_by_copy(procs: Processes, saved: tuple[Path, di
     assert f"(chunk {chunk})" in message and "corrupt" in message, message
     with pytest.raises(ApiError) as none:
         vmm.info()
-    assert none.value.status == 409, "a refused restore leaves no VM"
+    assert none.value.status == 404, "a refused restore leaves no VM"
     assert vmm.call("GET", "vmm.ping")
     # The same VMM restores a good snapshot afterwards.
     restore(vmm, saved[0], resume=True)
@@ -422,13 +422,13 @@ def test_snapshot_and_restore_refusals(procs: Processes, saved: tuple[Path, dict
         for word in words:
             assert word in str(error.value), error.value
 
-    refused(vm, "vm.snapshot", {"destination_url": url(target)}, 409, "Running", "pause")
-    refused(empty, "vm.snapshot", {"destination_url": url(target)}, 409, "no VM")
+    refused(vm, "vm.snapshot", {"destination_url": url(target)}, 500, "Running", "pause")
+    refused(empty, "vm.snapshot", {"destination_url": url(target)}, 404, "not created")
     vm.call("PUT", "vm.pause")
     refused(vm, "vm.snapshot", {"destination_url": "tcp:127.0.0.1:1"}, 400, "file:///DIR")
     refused(vm, "vm.snapshot", {"destination_url": url(target), "x": 1}, 400, "unknown field 'x'")
     refused(vm, "vm.snapshot", {"destination_url": url(tmp_path / "no" / "such")}, 500, "parent")
-    refused(vm, "vm.restore", {"source_url": url(saved[0])}, 409, "already has a VM")
+    refused(vm, "vm.restore", {"source_url": url(saved[0])}, 500, "already has a VM")
     assert not target.exists()
 
     good = url(saved[0])
@@ -518,8 +518,8 @@ def test_restore_options_parse_as_cloud_hypervisor_parses_them() -> None:
         ("source_url=file:///snap,memory_restore_mode=bogus", "copy or ondemand"),
         ("source_url=file:///snap,resume=maybe", "expected on, off, true or false"),
         ("source_url=file:///snap,prefault=on,memory_restore_mode=ondemand", "'prefault' cannot be combined"),
-        ("source_url=file:///snap,net_fds=[net0@[3,4]]", "net_fds is not supported"),
-        ("source_url=file:///snap,zone_updates=[zone1@1]", "zone_updates is not supported"),
+        ("source_url=file:///snap,net_fds=[net0@[3,4]]", "net_fds is a Cloud Hypervisor option that chmig does not"),
+        ("source_url=file:///snap,zone_updates=[zone1@1]", "zone_updates is a Cloud Hypervisor option that chmig"),
         ("source_url=file:///snap,unknown=1", "unknown option 'unknown'"),
         ("source_url=/path/to/snapshot", "file:///DIR"),
     ]:
@@ -536,20 +536,21 @@ def test_restore_options_parse_as_cloud_hypervisor_parses_them() -> None:
 
 @pytest.mark.timeout(60)
 def test_bad_restore_options_on_the_command_line(tmp_path: Path) -> None:
-    for options, words in [
-        ("memory_restore_mode=ondemand", "source_url missing"),
-        (f"source_url=file://{tmp_path},prefault=on,memory_restore_mode=ondemand", "'prefault' cannot be combined"),
-        (f"source_url=file://{tmp_path}/none", "no such snapshot directory"),
+    # Bad options are bad input (exit 2, as every usage error); a snapshot that is not there is a failure (1).
+    for options, words, code in [
+        ("memory_restore_mode=ondemand", "source_url missing", 2),
+        (f"source_url=file://{tmp_path},prefault=on,memory_restore_mode=ondemand", "'prefault' cannot be combined", 2),
+        (f"source_url=file://{tmp_path}/none", "no such snapshot directory", 1),
     ]:
         result = chmig(tmp_path / "run.log", "run", "--serial", "off", "--restore", options)
-        assert result.returncode == 1 and len(error_lines(result)) == 1 and words in result.stderr, result.stderr
+        assert result.returncode == code and len(error_lines(result)) == 1 and words in result.stderr, result.stderr
     both = chmig(tmp_path / "run.log", "run", "--memory", "size=16M", "--restore", f"source_url=file://{tmp_path}")
-    assert both.returncode == 1 and "give no --cpus" in both.stderr, both.stderr
+    assert both.returncode == 2 and "give no --cpus" in both.stderr, both.stderr
     remote = chmig(tmp_path / "remote.log", "remote", "--api-socket", str(tmp_path / "none.sock"), "restore",
                    "resume=on")
-    assert remote.returncode == 1 and "source_url missing" in remote.stderr, remote.stderr
+    assert remote.returncode == 2 and "source_url missing" in remote.stderr, remote.stderr
     remote = chmig(tmp_path / "remote.log", "remote", "--api-socket", str(tmp_path / "none.sock"), "snapshot")
-    assert remote.returncode == 1 and "destination URL" in remote.stderr, remote.stderr
+    assert remote.returncode == 2 and "required: snapshot_config" in remote.stderr, remote.stderr
 
 
 @pytest.mark.timeout(30)

@@ -231,7 +231,7 @@ def _raw_put(api: str, action: str, body: bytes) -> None:
     data = response.read()
     conn.close()
     if response.status >= 300:
-        raise ApiError(response.status, f"{action} failed (HTTP {response.status}): {json.loads(data)['error']}")
+        raise ApiError(response.status, f"{action} failed (HTTP {response.status}): {' | '.join(json.loads(data))}")
 
 
 def test_empty_vmm_and_remote_cli(procs: Processes) -> None:
@@ -252,7 +252,7 @@ def test_bad_cli_input_is_one_clear_line(tmp_path: Path) -> None:
         (["run", "--workload", "verify,dirty_percent=x"], "dirty_percent='x': expected a non-negative integer"),
         (["run"], "nothing to run"),
         (["remote", "--api-socket", str(tmp_path / "none.sock"), "info"], "no API socket"),
-        (["remote", "--api-socket", str(tmp_path / "none.sock"), "explode"], "unknown action"),
+        (["remote", "--api-socket", str(tmp_path / "none.sock"), "explode"], "invalid choice: 'explode'"),
     ]:
         result = subprocess.run([sys.executable, "-m", "chmig", *args], capture_output=True, text=True, timeout=30)
         assert result.returncode != 0
