@@ -746,7 +746,8 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._reply(200 if result is not None else 204, result)
         finally:
-            if self.server.vmm.exit_after_reply:
+            # Only the request that asked for the exit ends the process, once its own answer is out.
+            if self.server.vmm.exit_after_reply == threading.get_ident():
                 self.server.vmm.exit_event.set()
 
     def _reply(self, status: int, body: Any, close: bool = False) -> None:

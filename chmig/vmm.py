@@ -144,8 +144,10 @@ class Vmm:
         self.task: MigrationTask | None = None
         #: Every migration's messages go to these observers (traces, walkthroughs).
         self.observers = Observers()
-        #: Set when the process should end once the current API reply is out.
-        self.exit_after_reply = False
+        #: The thread whose API request ends the process once its reply is out (``vmm.shutdown``, or the
+        #: send-migration that handed the VM over); only that request's end may set the exit event, or a
+        #: ``vm.info`` finishing first would end the process before the migration's answer is written.
+        self.exit_after_reply: int | None = None
         #: Without an API there is nobody to ask what happened: a failed VM ends the process.
         self.exit_on_vm_failure = False
         #: Postcopy still bringing the received VM's memory in (see :meth:`_watch_postcopy`).
@@ -285,12 +287,12 @@ class Vmm:
             self.events.emit("vm", "deleted")
 
     def shutdown_vmm(self) -> None:
-        self.exit_after_reply = True
+        self.exit_after_reply = threading.get_ident()
 
     def retire_vm(self) -> None:
         """The VM now lives elsewhere: drop it here, and end the process once the API has replied."""
         with self.lock:
-            self.exit_after_reply = True
+            self.exit_after_reply = threading.get_ident()  # the send-migration request's thread
             self._drop_vm()
 
     def _run_task(self, task: MigrationTask, on_success: Callable[[Any], None]) -> Any:

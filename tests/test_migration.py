@@ -92,6 +92,41 @@ def test_source_statistics_and_summary(procs: Processes) -> None:
     dest.wait_rounds(dest.info()["guest"]["rounds"] + 2)
 
 
+def test_the_send_answer_arrives_while_others_ask_the_source(procs: Processes) -> None:
+    """The VM left: the source ends once *the send's* answer is out, not when another request ends first.
+
+    Regression: any request ending after the hand-over used to set the exit event, so a ``vm.info`` poller
+    (a progress line, a monitoring tool) could end the process before the migration's 200 was written.
+    """
+    from chmig.apiclient import request
+
+    for attempt in range(3):
+        source = procs.run("--cpus", "boot=1", "--memory", "size=32M", "--workload", "verify")
+        source.wait_rounds(1)
+        dest, url = procs.receive("tcp:127.0.0.1:0")
+        stop = threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                try:
+                    request(source.api, "GET", "vm.info", timeout=5)
+                except ApiError:
+                    pass  # the source has gone: its answers end with it
+
+        pollers = [threading.Thread(target=poll, name=f"test-poller-{n}") for n in range(4)]
+        for poller in pollers:
+            poller.start()
+        try:
+            stats = source.call("PUT", "vm.send-migration", {"destination_url": url}, timeout=120)
+        finally:
+            stop.set()
+            for poller in pollers:
+                poller.join(10)
+        assert stats["status"] == "completed", (attempt, stats)
+        assert source.wait_exit() == 0
+        dest.wait_rounds(dest.info()["guest"]["rounds"] + 1)
+
+
 def test_paused_vm_arrives_paused(procs: Processes) -> None:
     source = procs.run(*VM_ARGS)
     source.wait_rounds(2)
