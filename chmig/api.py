@@ -39,16 +39,18 @@ chunk as UTF-8 on its own).  Status codes (Cloud Hypervisor's
 400     a bad request: a malformed or refused body (``UsageError``), a wrong method for the route, a body on a
         route that takes none (or none where one is needed), chunked bodies, file descriptors passed along,
         a malformed request line or header (414, 431 and 505 where the stdlib can tell)
-404     no VM (``NoVmError``: Cloud Hypervisor's ``VmNotCreated``), or an unknown path
+404     ``vm.info`` without a VM, ``vm.boot`` without a config (``NoVmError``: Cloud Hypervisor's
+        ``VmNotCreated``, ``VmMissingConfig``), or an unknown path
 408     the request did not arrive whole in time
 429     too many connections open
-500     the action failed (every other ``VmError``/``ChmigError``: wrong state, a failed migration, ...)
+500     the action failed (every other ``VmError``/``ChmigError``: no VM running, a VM already created, a wrong
+        state, a failed migration, ...)
 501     a Cloud Hypervisor endpoint chmig does not implement
 ======  ==========================================================================
 
 Every error body is Cloud Hypervisor's: a JSON array of one-line messages, most
 general first — ``["Error from API", "The VM could not be paused", "VM is not
-created"]`` for an action, ``["Bad Request", "..."]``, ``["Failed to
+running"]`` for an action, ``["Bad Request", "..."]``, ``["Failed to
 deserialize JSON", "..."]``, ``["Not Found", "..."]`` for the HTTP layer —
 whatever the method (HEAD and unknown ones included): never HTML, never a
 traceback, never ``{"error": ...}``.  Migration requests are answered when the

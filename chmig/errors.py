@@ -8,7 +8,7 @@ line and exits non-zero, so messages are written to stand alone.
     ├── UsageError          bad command line, API request or option value
     ├── KvmError            a KVM ioctl or vCPU exit went wrong
     ├── VmError             the VM is in the wrong state or cannot be built
-    │   └── NoVmError       there is no VM to act on (API: 404, as Cloud Hypervisor's VmNotCreated)
+    │   └── NoVmError       no VM to show, no config to boot (API: 404, Cloud Hypervisor's VmNotCreated)
     ├── UffdError           userfaultfd registration or resolution failed
     ├── StuckThreadError    a thread did not stop by its deadline (reported, never left silently)
     ├── InternalError       a bug in chmig itself — never blamed on the peer

@@ -201,9 +201,10 @@ class Vmm:
             self.exit_event.set()
 
     def require_vm(self) -> Vm:
+        """The VM an action works on; without one, Cloud Hypervisor's ``VmNotRunning`` (a 500, as there)."""
         if self.vm is None:
-            raise NoVmError("VM is not created" if self.vm_config is None else
-                            "VM is not running (it was shut down: vm.boot starts it again)")
+            raise VmError("VM is not running" if self.vm_config is None else
+                          "VM is not running (it was shut down: vm.boot starts it again)")
         return self.vm
 
     def _require_idle(self, what: str) -> None:
@@ -228,7 +229,9 @@ class Vmm:
             if self.migration is not None:
                 info["migration"] = self.migration.to_json()
             return info
-        vm = self.require_vm()
+        if self.vm is None:
+            raise NoVmError("VM is not created")  # Cloud Hypervisor's VmNotCreated: 404
+        vm = self.vm
         info = vm.info()
         if self.migration is not None:
             info["migration"] = self.migration.to_json()
@@ -267,11 +270,9 @@ class Vmm:
         with self.lock:
             self._require_idle("boot")
             if self.vm is not None:
-                if self.vm.state in (VmState.RUNNING, VmState.PAUSED):
-                    return  # Cloud Hypervisor: booting a booted VM is not an error
-                raise VmError(f"cannot boot a VM that is {self.vm.state}")
-            if self.vm_config is None:
-                raise NoVmError("VM is not created (chmig creates its VM from the command line: chmig run "
+                raise VmError("VM is already created")  # Cloud Hypervisor's VmAlreadyCreated
+            if self.vm_config is None:  # Cloud Hypervisor's VmMissingConfig: 404
+                raise NoVmError("VM config is missing (chmig creates its VM from the command line: chmig run "
                                 "--cpus ... --memory ...)")
             self.boot(self.vm_config)
 
@@ -428,8 +429,8 @@ class Vmm:
         from .snapshot import Restore
 
         with self.lock:
-            if self.vm is not None:
-                raise VmError("cannot restore: this VMM already has a VM (shut it down first)")
+            if self.vm is not None or self.vm_config is not None:  # as Cloud Hypervisor: VmAlreadyCreated
+                raise VmError("VM is already created: cannot restore on a VMM that has a VM (vm.delete it first)")
             self._require_idle("restore")
             restore = Restore(config, serial_spec=self.serial_spec)
             self.migration = restore.stats

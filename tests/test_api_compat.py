@@ -299,16 +299,21 @@ def empty_vmm(procs: Processes) -> VmmProcess:
     return procs.run()
 
 
-def test_an_empty_vmm_answers_404_with_an_array_to_every_vm_verb(empty_vmm: VmmProcess, tmp_path: Path) -> None:
-    """Cloud Hypervisor's ``VmNotCreated``: 404, and the messages from "Error from API" down to the cause."""
+def test_an_empty_vmm_answers_as_cloud_hypervisor_with_an_array_to_every_vm_verb(empty_vmm: VmmProcess,
+                                                                                  tmp_path: Path) -> None:
+    """No VM: ``vm.info`` is ``VmNotCreated`` and ``vm.boot`` ``VmMissingConfig`` (404); an action is
+    ``VmNotRunning`` (500) — each with the messages from "Error from API" down to the cause."""
     ping = replay(empty_vmm, ch.PING)
     assert ping.status == 200 and ping.json()["pid"] == empty_vmm.proc.pid
-    for recorded in (ch.INFO, ch.PAUSE, ch.RESUME, ch.SHUTDOWN, ch.BOOT):
+    for recorded, status, cause in ((ch.INFO, 404, "VM is not created"), (ch.BOOT, 404, "VM config is missing"),
+                                    (ch.PAUSE, 500, "VM is not running"), (ch.RESUME, 500, "VM is not running"),
+                                    (ch.SHUTDOWN, 500, "VM is not running")):
         outcome = replay(empty_vmm, recorded)
-        assert_refused(outcome, 404, "not created")
+        assert_refused(outcome, status, cause)
         assert outcome.messages is not None and outcome.messages[0] == "Error from API", outcome
-    assert_refused(replay(empty_vmm, ch.SNAPSHOT, DIR=tmp_path / "snap"), 404, "not created")
-    assert_refused(replay(empty_vmm, ch.SEND_MIGRATION_UNIX_LOCAL, PATH=tmp_path / "nowhere.sock"), 404, "not created")
+    assert_refused(replay(empty_vmm, ch.SNAPSHOT, DIR=tmp_path / "snap"), 500, "not running")
+    assert_refused(replay(empty_vmm, ch.SEND_MIGRATION_UNIX_LOCAL, PATH=tmp_path / "nowhere.sock"), 500,
+                   "not running")
     # Cloud Hypervisor's vm.delete with nothing to delete is not an error.
     assert replay(empty_vmm, ch.DELETE).status == 204
 
@@ -328,9 +333,10 @@ def test_shutdown_keeps_the_vm_created_and_boot_runs_it_again(procs: Processes) 
     assert replay(vmm, ch.SHUTDOWN).status == 204
     created = replay(vmm, ch.INFO)
     assert created.status == 200 and created.json()["state"] == "Created", created
-    assert_refused(replay(vmm, ch.PAUSE), 404)
+    assert_refused(replay(vmm, ch.PAUSE), 500, "not running")
     assert replay(vmm, ch.BOOT).status == 204
     assert replay(vmm, ch.INFO).json()["state"] == "Running"
+    assert_refused(replay(vmm, ch.BOOT), 500, "VM is already created")
     vmm.wait_rounds(2)
     assert replay(vmm, ch.DELETE).status == 204
     assert_refused(replay(vmm, ch.INFO), 404, "not created")
@@ -468,7 +474,7 @@ def test_snapshot_and_restore_driven_by_ch_remote_bytes(procs: Processes, tmp_pa
     assert restored["state"] == "Running" and restored["guest"]["errors"] == 0, restored
     assert target.wait_rounds(paused["guest"]["rounds"] + 2)["guest"]["errors"] == 0
     # A second restore on a VMM that has a VM is an action that failed: 500 and the reason.
-    assert_refused(replay(target, ch.RESTORE, DIR=snapshot), 500, "The VM could not be restored", "already has a VM")
+    assert_refused(replay(target, ch.RESTORE, DIR=snapshot), 500, "The VM could not be restored", "VM is already created")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -556,6 +562,6 @@ def test_the_python_client_reads_the_array(empty_vmm: VmmProcess) -> None:
     with pytest.raises(ApiError) as refused:
         empty_vmm.call("PUT", "vm.pause")
     error = refused.value
-    assert error.status == 404 and error.messages == ["Error from API", "The VM could not be paused",
-                                                      "VM is not created"], error.messages
-    assert str(error) == "API: vm.pause failed (HTTP 404): The VM could not be paused: VM is not created"
+    assert error.status == 500 and error.messages == ["Error from API", "The VM could not be paused",
+                                                      "VM is not running"], error.messages
+    assert str(error) == "API: vm.pause failed (HTTP 500): The VM could not be paused: VM is not running"

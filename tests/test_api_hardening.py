@@ -188,9 +188,9 @@ def test_bad_json_bodies_are_400_never_a_traceback(empty_vmm: VmmProcess, action
 
 
 def test_null_tls_dir_is_its_default(empty_vmm: VmmProcess) -> None:
-    """``tls_dir`` is optional (``Option`` in Cloud Hypervisor): null means none, so it reaches the VMM (404 here)."""
+    """``tls_dir`` is optional (``Option`` in Cloud Hypervisor): null means none, so it reaches the VMM (500: no VM)."""
     body = b'{"destination_url": "unix:/nowhere", "tls_dir": null}'
-    assert_json_error(raw(empty_vmm.api, put("vm.send-migration", body)), 404, "not created")
+    assert_json_error(raw(empty_vmm.api, put("vm.send-migration", body)), 500, "not running")
 
 
 # -- malformed requests answer JSON, never HTML ------------------------------------------------------

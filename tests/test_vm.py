@@ -243,7 +243,7 @@ def test_empty_vmm_and_remote_cli(procs: Processes) -> None:
     assert ping.returncode == 0 and json.loads(ping.stdout)["pid"] == vmm.proc.pid
     bad = subprocess.run([sys.executable, "-m", "chmig", "remote", "--api-socket", vmm.api, "pause"],
                          capture_output=True, text=True, timeout=30)
-    assert bad.returncode == 1 and "VM is not created" in bad.stderr and len(bad.stderr.splitlines()) == 1
+    assert bad.returncode == 1 and "VM is not running" in bad.stderr and len(bad.stderr.splitlines()) == 1
 
 
 def test_bad_cli_input_is_one_clear_line(tmp_path: Path) -> None:
