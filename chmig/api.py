@@ -594,6 +594,9 @@ class _DeadlineReader(io.RawIOBase):
         self._sock = sock
         self.deadline: float | None = None
         self.fds_received = 0
+        #: Bytes of the current request received so far, and whether its deadline passed (see handle_one_request).
+        self.received = 0
+        self.timed_out = False
 
     def readable(self) -> bool:
         return True
@@ -602,12 +605,18 @@ class _DeadlineReader(io.RawIOBase):
         if self.deadline is not None:
             left = self.deadline - time.monotonic()
             if left <= 0:
+                self.timed_out = True
                 raise TimeoutError("the request did not arrive in time")
             self._sock.settimeout(left)
-        count, ancillary, _flags, _address = self._sock.recvmsg_into([buffer], _ANCILLARY_SPACE,
-                                                                      socket.MSG_CMSG_CLOEXEC)
+        try:
+            count, ancillary, _flags, _address = self._sock.recvmsg_into([buffer], _ANCILLARY_SPACE,
+                                                                          socket.MSG_CMSG_CLOEXEC)
+        except TimeoutError:
+            self.timed_out = True
+            raise
         if ancillary:
             self.fds_received += _closed_fds(ancillary)
+        self.received += count
         return count
 
 
@@ -623,13 +632,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._reader = _DeadlineReader(self.connection)
         self.rfile = io.BufferedReader(self._reader)
         self._body_read = False
+        self._answered = False
 
     def handle_one_request(self) -> None:
         # The deadline starts when the request is awaited, so an idle keep-alive connection ends too.
         self._reader.deadline = time.monotonic() + self.server.request_timeout
         self._reader.fds_received = 0
+        self._reader.received = 0
+        self._reader.timed_out = False
         self._body_read = False
+        self._answered = False
         super().handle_one_request()
+        if self._reader.timed_out and self._reader.received and not self._answered:
+            # Part of a request line or headers came, the rest not in time (the stdlib would just close): a
+            # body's timeout is answered 408 by the route; this is the same answer for the start of a request.
+            self.close_connection = True
+            self._write(answer_bytes(408, error_body([
+                REASONS[408], f"the request did not arrive whole within {self.server.request_timeout:g} s"]),
+                close=True))
 
     def __getattr__(self, name: str) -> Any:
         # Every method gets a JSON answer: the stdlib looks for do_<METHOD>, so any method has one (400, or the
@@ -761,6 +781,7 @@ class _Handler(BaseHTTPRequestHandler):
         close = close or not self._body_read or self.close_connection or self.command == "HEAD"
         if close:
             self.close_connection = True
+        self._answered = True
         self._write(answer_bytes(status, data, close=close))
         self.log_request(status, len(data))
 

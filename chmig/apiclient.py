@@ -98,14 +98,20 @@ class _UnixConnection(http.client.HTTPConnection):
 def request(path: str, method: str, action: str, body: dict | None = None, timeout: float | None = None) -> Any:
     """One API call; returns the decoded JSON (None for an answer without a body); raises ApiError with the reason.
 
-    The request carries no ``Content-Type`` (``ch-remote`` sends none) and a
-    ``Content-Length`` only with a body.  A failed call's message has the form
-    ``"{action} failed (HTTP {status}): {reason}"``.
+    The request has ``ch-remote``'s headers (``api_client``): ``Host:
+    localhost``, ``Accept: */*``, and a ``Content-Length`` only with a body —
+    no ``Content-Type``, no ``Accept-Encoding``.  A failed call's message has
+    the form ``"{action} failed (HTTP {status}): {reason}"``.
     """
     conn = _UnixConnection(path, timeout)
     try:
         data = json.dumps(body, separators=(",", ":")).encode() if body is not None else None
-        conn.request(method, API_PREFIX + action, body=data)
+        conn.putrequest(method, API_PREFIX + action, skip_host=True, skip_accept_encoding=True)
+        conn.putheader("Host", "localhost")
+        conn.putheader("Accept", "*/*")
+        if data is not None:
+            conn.putheader("Content-Length", str(len(data)))
+        conn.endheaders(data)
         response = conn.getresponse()
         raw = response.read()
     except FileNotFoundError:

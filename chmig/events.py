@@ -128,10 +128,9 @@ class EventMonitor:
         self.threads = ThreadGroup("event-monitor")
         self._wake_r = self._wake_w = -1
         if fd is not None:
-            if fd > 2:
-                # As Cloud Hypervisor does: a full pipe is then waited for in select (see _write), where close()
-                # can wake the writer.  Not standard output or error: the CLI prints there with blocking writes.
-                os.set_blocking(fd, False)
+            # The fd stays blocking: O_NONBLOCK belongs to the open file description, which an inherited fd
+            # shares with others (``fd=3 3>&1`` is standard output too).  The writer waits in poll instead
+            # (see _write), where close() can wake it.
             self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
 
     def start(self) -> EventMonitor:
@@ -220,17 +219,27 @@ class EventMonitor:
                 return
 
     def _write(self, fd: int, data: bytes) -> bool:
-        """Write all of ``data``; False when aborted.  A write error is logged once and the file given up."""
+        """Write all of ``data``; False when aborted.  A write error is logged once and the file given up.
+
+        Each write waits in poll until the file takes more (a pipe whose reader is behind) or until close()
+        gives up on it, then writes at most ``PIPE_BUF`` bytes: a pipe that polls writable takes that many
+        without blocking, so the writer never sleeps where close() cannot wake it.
+        """
         view = memoryview(data)
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        poller.register(self._wake_r, select.POLLIN)
         while view:
             try:
-                written = os.write(fd, view)
-                view = view[written:]
-            except BlockingIOError:
-                # A pipe whose reader is behind: wait until it takes more, or until close() gives up on it.
-                readable, _, _ = select.select([self._wake_r], [fd], [])
-                if readable:
+                ready = dict(poller.poll())
+                if ready.get(self._wake_r):
                     return False
+                events = ready.get(fd, 0)
+                if not events & select.POLLOUT:  # nothing else wakes poll for fd: it failed or hung up
+                    code = errno.EBADF if events & select.POLLNVAL else errno.EPIPE
+                    raise OSError(code, os.strerror(code))
+                written = os.write(fd, view[:select.PIPE_BUF])
+                view = view[written:]
             except InterruptedError:
                 continue
             except OSError as exc:

@@ -49,7 +49,8 @@ if TYPE_CHECKING:
 
 from . import __version__
 from .channel import Observers
-from .errors import ChmigError, MigrationError, NoVmError, PostcopyError, StuckThreadError, UsageError, VmError
+from .errors import (ChmigError, MigrationError, NoVmError, PostcopyError, StuckThreadError, TransportError,
+                     UsageError, VmError)
 from .events import EventMonitor
 from .memory import GuestMemory
 from .postcopy import PostcopyPager
@@ -59,7 +60,7 @@ from .snapshot_dir import SnapshotError
 from .stats import MigrationStats
 from .threads import ThreadGroup
 from .transport import listen, parse_url
-from .vm import Serial, Vm, VmConfig, VmState, parse_serial
+from .vm import Serial, Vm, VmConfig, VmState
 
 if TYPE_CHECKING:
     from .snapshot import RestoreConfig, RestoreStats
@@ -652,7 +653,7 @@ def main_run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, events: EventMonitor) -> int:
     api_socket, api_socket_fd = _api_args(args)
     has_api = api_socket is not None or api_socket_fd is not None
-    parse_serial(args.serial)  # an empty VMM uses it for the VM it will receive or restore: check it now
+    Serial(args.serial).close()  # an empty VMM uses it for the VM it will receive or restore: check it now
     vm_options = args.cpus or args.memory or args.memory_zone or args.workload
     restore = None
     if args.restore:
@@ -665,7 +666,6 @@ def _run(args: argparse.Namespace, events: EventMonitor) -> int:
     vmm = Vmm(args.serial, events)
     vmm.exit_on_vm_failure = not has_api
     if restore is not None:
-        Serial(args.serial).close()  # reject a bad --serial before reading the snapshot
         try:
             # Before the API serves: nobody can see (or act on) a VMM half way through its restore.
             print(f"chmig run: {vmm.restore(restore).summary()}", flush=True)
@@ -678,7 +678,6 @@ def _run(args: argparse.Namespace, events: EventMonitor) -> int:
                              "or --api-socket")
         log.info("empty VMM: waiting for a restore or an incoming migration")
     else:
-        Serial(args.serial).close()  # reject a bad --serial before booting anything
         vmm.boot(VmConfig.from_args(args.cpus, args.memory, args.memory_zone, args.workload))
     try:
         server = start_api(vmm, api_socket, api_socket_fd)
@@ -705,9 +704,20 @@ def _receive(args: argparse.Namespace, events: EventMonitor) -> int:
     vmm = Vmm(args.serial, events)
     vmm.exit_on_vm_failure = api_socket is None and api_socket_fd is None
     server = start_api(vmm, api_socket, api_socket_fd)
+    listening = threading.Event()
+
+    def say_listening(address: str) -> None:
+        listening.set()
+        print(f"chmig receive: listening on {address}", flush=True)
+
     try:
-        stats = vmm.receive_migration(
-            options, on_listening=lambda address: print(f"chmig receive: listening on {address}", flush=True))
+        try:
+            stats = vmm.receive_migration(options, on_listening=say_listening)
+        except TransportError as exc:
+            if listening.is_set():
+                raise
+            # Could not listen at all (address in use, no such directory ...): bad input, as the API socket's.
+            raise UsageError(exc.message, where=exc.where or "--listen") from None
         print(f"chmig receive: {stats.summary()}", flush=True)
         if args.exit_after_migration:
             if vmm.postcopy is not None:

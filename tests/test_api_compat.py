@@ -565,3 +565,41 @@ def test_the_python_client_reads_the_array(empty_vmm: VmmProcess) -> None:
     assert error.status == 500 and error.messages == ["Error from API", "The VM could not be paused",
                                                       "VM is not running"], error.messages
     assert str(error) == "API: vm.pause failed (HTTP 500): The VM could not be paused: VM is not running"
+
+
+def test_the_python_client_sends_the_bytes_ch_remote_sends(tmp_path: Path) -> None:
+    """``chmig.apiclient.request`` (so ``chmig remote``) writes what ``api_client`` writes, header for header."""
+    import threading
+
+    from chmig.apiclient import request
+
+    path = str(tmp_path / "capture.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen()
+    captured: list[bytes] = []
+
+    def capture() -> None:
+        for _ in range(2):
+            conn, _ = server.accept()
+            with conn:
+                conn.settimeout(10)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(4096)
+                head, _, rest = data.partition(b"\r\n\r\n")
+                length = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0]) if b"Content-Length" in head else 0
+                while len(rest) < length:
+                    rest += conn.recv(4096)
+                captured.append(head + b"\r\n\r\n" + rest)
+                conn.sendall(b"HTTP/1.1 204 \r\nServer: x\r\nConnection: keep-alive\r\n\r\n")
+
+    thread = threading.Thread(target=capture, name="test-capture")
+    thread.start()
+    try:
+        request(path, "PUT", "vm.pause", timeout=10)
+        request(path, "PUT", "vm.snapshot", {"destination_url": f"file://{tmp_path}"}, timeout=10)
+    finally:
+        thread.join(10)
+        server.close()
+    assert captured == [b"".join(ch.PAUSE.render()), b"".join(ch.SNAPSHOT.render(DIR=tmp_path))]

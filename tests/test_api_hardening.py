@@ -287,12 +287,12 @@ def _wait(predicate: Any, timeout: float = 5.0) -> bool:
     return predicate()
 
 
-@pytest.mark.parametrize("data", [
-    b"",                                                          # connected, said nothing
-    b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n",              # headers that never end
-    b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 100\r\n\r\n{",   # a body shorter than announced
+@pytest.mark.parametrize("data, told", [
+    (b"", None),                                                               # connected, said nothing
+    (b"GET /api/v1/vmm.ping HTTP/1.1\r\nHost: x\r\n", "did not arrive whole"),   # headers that never end
+    (b"PUT /api/v1/vm.pause HTTP/1.1\r\nContent-Length: 100\r\n\r\n{", "timed out"),  # a body shorter than announced
 ])
-def test_a_slow_request_is_cut_at_its_deadline(quick_server: ApiServer, data: bytes) -> None:
+def test_a_slow_request_is_cut_at_its_deadline(quick_server: ApiServer, data: bytes, told: str | None) -> None:
     """Bug: these held a thread forever (300 idle clients → 302 threads)."""
     with socket.socket(socket.AF_UNIX) as sock:
         sock.settimeout(5)
@@ -302,8 +302,11 @@ def test_a_slow_request_is_cut_at_its_deadline(quick_server: ApiServer, data: by
         answer = _read_answer(sock)
         took = time.monotonic() - started
     assert took < 2.5, f"the request deadline is 0.5 s, the server waited {took:.1f} s"
-    if answer is not None:  # a body that was promised and not sent is told why
-        assert_json_error(answer, 408, "timed out")
+    if told is None:  # nothing came: nobody to answer
+        assert answer is None, answer
+    else:  # a request begun and not finished in time is told why, as Cloud Hypervisor's clients read it
+        assert answer is not None
+        assert_json_error(answer, 408, told)
     assert _wait(lambda: _api_threads() == 0), "the request's thread did not end"
 
 
@@ -321,7 +324,10 @@ def test_trickling_bytes_do_not_extend_the_deadline(quick_server: ApiServer) -> 
                 closed = True
                 break
             if select.select([sock], [], [], 0.1)[0]:
-                closed = sock.recv(1) == b""
+                answer = b""
+                while chunk := sock.recv(4096):  # a 408, then the end of the connection
+                    answer += chunk
+                closed = not answer or answer.startswith(b"HTTP/1.1 408 ")
                 break
         assert closed, "the server kept reading a trickle of bytes"
     assert time.monotonic() - started < 2.5

@@ -192,9 +192,27 @@ def test_serial_is_null_by_default(tmp_path: Path, serial: tuple[str, ...], show
     assert bool(output) == shown, output[:500]
 
 
-def test_bad_serial_is_one_line() -> None:
+def test_bad_serial_is_one_line(tmp_path: Path) -> None:
     line = one_error_line(chmig("run", *VM_ARGS, "--serial", "pty"), "chmig run")
     assert "--serial" in line, line
+    # An empty VMM checks it too, before it serves: the VM it receives or restores would need it.
+    line = one_error_line(chmig("run", "--api-socket", str(tmp_path / "api.sock"), "--serial",
+                                "file=/nonexistent/dir/serial.log"), "chmig run")
+    assert "/nonexistent/dir/serial.log" in line, line
+
+
+def test_a_listen_address_that_cannot_be_bound_is_one_usage_line(tmp_path: Path) -> None:
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    try:
+        port = taken.getsockname()[1]
+        line = one_error_line(chmig("receive", "--listen", f"tcp:127.0.0.1:{port}"), "chmig receive")
+        assert "in use" in line, line
+    finally:
+        taken.close()
+    line = one_error_line(chmig("receive", "--listen", "unix:/nonexistent/dir/in.sock"), "chmig receive")
+    assert "/nonexistent/dir/in.sock" in line, line
 
 
 # ---------------------------------------------------------------------------------------------

@@ -255,6 +255,11 @@ def test_event_monitor_on_an_inherited_fd(tmp_path: Path) -> None:
 
             vmm = VmmProcess(proc, api, tmp_path / "log")  # type: ignore[arg-type]
             wait_api(vmm)
+            # The inherited fd stays blocking: O_NONBLOCK would belong to the whole open file description,
+            # which others share (with ``fd=3 3>&1`` it is the caller's standard output).
+            flags = next(line for line in Path(f"/proc/{proc.pid}/fdinfo/{write_end}").read_text().splitlines()
+                         if line.startswith("flags:"))
+            assert not int(flags.split()[1], 8) & os.O_NONBLOCK, flags
             vmm.call("PUT", "vm.pause")
             vmm.call("PUT", "vmm.shutdown")
             rest = events.read()  # to the end: the monitor closes the fd when the process ends
