@@ -32,8 +32,12 @@ from typing import Callable, Iterator, Protocol
 from . import protocol as p
 from .errors import ChmigError, PeerError, PeerSilent, ProtocolError, TransportError, VmError
 from .transport import Connection, ConnectionClosed
+from .units import MiB
 
 log = logging.getLogger(__name__)
+
+#: A Memory request's live progress moves at least every this many bytes (``send_memory``).
+PROGRESS_STEP = 16 * MiB
 
 SENT = "sent"
 RECEIVED = "received"
@@ -242,16 +246,36 @@ class Channel:
         self.send_request(request, payload)
         self.expect_ok(request.command)
 
-    def send_memory(self, memory: MemoryTarget, table: p.MemoryRangeTable) -> int:
-        """Protocol step *Memory* (sender): header, table, then every range's bytes; wait for Ok."""
+    def send_memory(self, memory: MemoryTarget, table: p.MemoryRangeTable,
+                    progress: Callable[[int], None] | None = None) -> int:
+        """Protocol step *Memory* (sender): header, table, then every range's bytes; wait for Ok.
+
+        ``progress`` is told the bytes written so far, at least every :data:`PROGRESS_STEP` (a big range is
+        written in steps of that size) and at the end — in batches, because a dirty table may hold a million
+        one-page ranges and the send path must not pay a call per page.
+        """
         request = p.Request.memory(table.byte_length)
         header = request.encode()
         self._emit(SENT, "request", "Memory", request.length, _request_summary(request, table=table), header)
         self.conn.write_all(header + table.encode())
+        unreported = 0
         for rng in table:
             for gpa, length in memory.split(rng):
                 with memory.view(gpa, length) as view:
-                    self.conn.write_all(view)
+                    if progress is None or length <= PROGRESS_STEP:
+                        self.conn.write_all(view)
+                        continue
+                    for start in range(0, length, PROGRESS_STEP):
+                        self.conn.write_all(view[start:start + PROGRESS_STEP])
+                        progress(min(PROGRESS_STEP, length - start))
+                    unreported -= length  # reported piece by piece above
+            if progress is not None:
+                unreported += rng.length
+                if unreported >= PROGRESS_STEP:
+                    progress(unreported)
+                    unreported = 0
+        if progress is not None and unreported:
+            progress(unreported)
         self.expect_ok(p.Command.MEMORY)
         return table.total_bytes
 

@@ -33,7 +33,6 @@ import logging
 import queue
 import threading
 import time
-from typing import Iterator
 
 from . import protocol as p
 from .apiconfig import SendOptions
@@ -59,10 +58,6 @@ log = logging.getLogger(__name__)
 #: Chunks queued per worker connection before the producer waits (Cloud Hypervisor: 64).
 QUEUED_CHUNKS_PER_WORKER = 64
 
-#: The live progress moves at least this often within a range (a range of a populated table may be GiBs).
-PROGRESS_PIECE = 16 * MiB
-
-
 # ``SendOptions`` (Cloud Hypervisor's ``VmSendMigrationData``) lives with the other request structs in
 # apiconfig.py, so that a client can build and check a request without the VM stack; re-exported here.
 
@@ -70,36 +65,6 @@ PROGRESS_PIECE = 16 * MiB
 # ---------------------------------------------------------------------------------------------
 # Memory over N worker connections
 # ---------------------------------------------------------------------------------------------
-
-
-class CountedMemory:
-    """Guest memory as the data path reads it, reporting each piece to the live progress once it is written.
-
-    :meth:`chmig.channel.Channel.send_memory` writes the pieces ``split``
-    yields one after the other; the generator resumes (and counts the piece)
-    only when the channel asks for the next one, so a piece is counted after
-    its ``write_all`` returned — and never when the write failed.  Pieces are
-    cut to :data:`PROGRESS_PIECE` so a huge range moves the progress too.
-    """
-
-    def __init__(self, memory: GuestMemory, progress: Progress) -> None:
-        self.memory = memory
-        self.progress = progress
-
-    def split(self, rng: p.MemoryRange) -> Iterator[tuple[int, int]]:
-        for gpa, length in self.memory.split(rng):
-            while length:
-                take = min(length, PROGRESS_PIECE)
-                yield gpa, take
-                self.progress.sent(take)
-                gpa += take
-                length -= take
-
-    def view(self, gpa: int, length: int) -> memoryview:
-        return self.memory.view(gpa, length)
-
-    def populate_range(self, gpa: int, length: int) -> None:
-        self.memory.populate_range(gpa, length)
 
 
 class MemorySender:
@@ -118,8 +83,9 @@ class MemorySender:
                  limits: p.Limits = p.DEFAULT_LIMITS, progress: Progress | None = None) -> None:
         self.main = main
         self.limits = limits
-        #: What the connections read from: guest memory, counted into the live progress when there is one.
-        self.memory: GuestMemory | CountedMemory = memory if progress is None else CountedMemory(memory, progress)
+        self.memory = memory
+        #: Told the bytes each connection has written (the live progress of ``vm.info``), if there is one.
+        self.progress = progress.sent if progress is not None else None
         self.options = options
         self.observers = observers
         self.workers: list[Channel] = []
@@ -156,7 +122,7 @@ class MemorySender:
         if not table:
             return 0
         if not self.workers:
-            return self.main.send_memory(self.memory, table)
+            return self.main.send_memory(self.memory, table, self.progress)
         for chunk in table.partition(p.PRECOPY_CHUNK_SIZE):
             if self._error is not None:
                 break
@@ -173,7 +139,7 @@ class MemorySender:
                 if chunk is None:  # the owner is closing
                     return
                 if self._error is None:
-                    channel.send_memory(self.memory, chunk)
+                    channel.send_memory(self.memory, chunk, self.progress)
             except BaseException as exc:  # reported to the producer, which raises it
                 log.error("%s: %s", threading.current_thread().name, exc)
                 if self._error is None:
