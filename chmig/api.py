@@ -104,6 +104,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from . import apiconfig
 from .apiclient import API_PREFIX, ApiError
+from .apiclient import one_line as _one_line
 from .apiconfig import JsonBodyError
 from .errors import ChmigError, NoVmError, UsageError
 from .jsonlimits import JsonRefused, loads_bounded
@@ -199,12 +200,6 @@ def _restore(vmm: Vmm, body: Any) -> None:
     with _bad_json():
         config = RestoreConfig.from_api(body)
     vmm.restore(config)
-
-
-def _one_line(text: str, limit: int = 200) -> str:
-    """``text`` fit for a one-line error: control characters escaped, at most ``limit`` characters."""
-    flat = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
-    return flat if len(flat) <= limit else flat[:limit] + "..."
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,8 +42,8 @@ class ApiError(ChmigError):
         self.messages: list[str] = list(messages) if messages else [message]
 
 
-def _one_line(text: str, limit: int = 200) -> str:
-    """``text`` fit for a one-line error: control characters escaped, at most ``limit`` characters."""
+def one_line(text: str, limit: int = 200) -> str:
+    """``text`` fit for a one-line error (the server's messages and the client's alike): control characters escaped, at most ``limit`` characters."""
     flat = text.encode("unicode_escape").decode("ascii") if not text.isprintable() else text
     return flat if len(flat) <= limit else flat[:limit] + "..."
 
@@ -64,7 +64,7 @@ def describe(messages: Sequence[str]) -> str:
     shown = list(messages)
     if len(shown) > 1 and shown[0] in GENERIC_MESSAGES:
         shown = shown[1:]
-    return _one_line(": ".join(shown), limit=1000)
+    return one_line(": ".join(shown), limit=1000)
 
 
 def _reason(raw: bytes) -> tuple[str, list[str] | None]:
@@ -77,10 +77,10 @@ def _reason(raw: bytes) -> tuple[str, list[str] | None]:
     except ValueError:
         decoded = None
     if isinstance(decoded, dict) and isinstance(decoded.get("error"), str):  # an older chmig's form
-        return _one_line(decoded["error"], limit=1000), None
+        return one_line(decoded["error"], limit=1000), None
     if not raw:
         return "(no error message)", None
-    return f"unexpected error body {_one_line(raw.decode('utf-8', errors='replace'), limit=200)!r}", None
+    return f"unexpected error body {one_line(raw.decode('utf-8', errors='replace'), limit=200)!r}", None
 
 
 class _UnixConnection(http.client.HTTPConnection):
@@ -121,7 +121,7 @@ def request(path: str, method: str, action: str, body: dict | None = None, timeo
     except OSError as exc:
         raise ApiError(0, f"API socket {path}: {exc}") from None
     except http.client.HTTPException as exc:  # something answered, but not HTTP
-        raise ApiError(0, f"API socket {path}: not an HTTP answer: {_one_line(repr(exc))}") from None
+        raise ApiError(0, f"API socket {path}: not an HTTP answer: {one_line(repr(exc))}") from None
     finally:
         conn.close()
     if response.status >= 300:

@@ -295,6 +295,19 @@ def _check_url(text: str, key: str, where: str | None) -> Url:
         raise UsageError(f"{key} {text!r}: {exc.message}", where=where) from None
 
 
+def _check_tls_dir(tls_dir: str | None, role: str, what: str, where: str | None) -> None:
+    """The certificates a ``tls_dir`` must hold for ``role`` are there and readable (CH's ``validate_tls_dir``).
+
+    ``what`` is CH's own wording of the failure (its send and receive say it differently).
+    """
+    if tls_dir is None:
+        return
+    try:
+        TlsConfig.from_dir(tls_dir, role=role)
+    except TransportError as exc:
+        raise UsageError(f"{what}: {exc}", where=where) from None
+
+
 _CANCEL, _IGNORE = "cancel", "ignore"
 _PRECOPY, _POSTCOPY = "precopy", "postcopy"
 _TIMEOUT_VARIANTS = ("Cancel", "Ignore")
@@ -417,11 +430,7 @@ class SendOptions:
                                  where=where)
         if self.preserve_source and not self.local:
             raise UsageError("preserve_source option is only supported with the local option.", where=where)
-        if self.tls_dir is not None:
-            try:
-                TlsConfig.from_dir(self.tls_dir, role="client")
-            except TransportError as exc:
-                raise UsageError(f"invalid TLS configuration for send-migration: {exc}", where=where) from None
+        _check_tls_dir(self.tls_dir, "client", "invalid TLS configuration for send-migration", where)
         if self.memory_mode == _POSTCOPY:
             if self.local:
                 raise UsageError("memory_mode=postcopy and local options are mutually exclusive.", where=where)
@@ -526,11 +535,7 @@ class ReceiveOptions:
         url = _check_url(self.receiver_url, "receiver_url", where)
         if url.scheme == "unix" and self.tls_dir is not None:
             raise UsageError("UNIX sockets and TLS encryption cannot be used at the same time", where=where)
-        if self.tls_dir is not None:
-            try:
-                TlsConfig.from_dir(self.tls_dir, role="server")
-            except TransportError as exc:
-                raise UsageError(f"Invalid TLS configuration for receive-migration: {exc}", where=where) from None
+        _check_tls_dir(self.tls_dir, "server", "Invalid TLS configuration for receive-migration", where)
         self.memory_mode = mode = (self.memory_mode or _PRECOPY).lower()
         if mode not in (_PRECOPY, _POSTCOPY):
             raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}", where=where)
