@@ -71,11 +71,15 @@ class Message:
     summary: str
     #: The header as it was on the wire: 16 bytes (2 for a role).
     header: bytes
+    #: Bytes of guest memory the message moves or asks for: a Memory request's ranges (the data after its
+    #: table), a PageFault's range, the bytes that follow a PageFault's Ok inline; else 0.
+    data: int = 0
 
     def to_json(self) -> dict:
+        """The message as one line of a trace file (:mod:`chmig.trace`)."""
         return {"time": self.time, "side": self.side, "connection": self.connection, "direction": self.direction,
-                "kind": self.kind, "name": self.name, "length": self.length, "summary": self.summary,
-                "header": self.header.hex()}
+                "kind": self.kind, "name": self.name, "length": self.length, "data": self.data,
+                "summary": self.summary, "header": self.header.hex()}
 
 
 Observer = Callable[[Message], None]
@@ -162,7 +166,10 @@ class IncomingRequest:
 
 
 def _request_summary(request: p.Request, payload: bytes = b"", table: p.MemoryRangeTable | None = None,
-                     slot: int | None = None, fd: int | None = None, page: p.MemoryRange | None = None) -> str:
+                     slot: int | None = None, fd: int | None = None, page: p.MemoryRange | None = None,
+                     total: int | None = None) -> str:
+    """A few words on the payload; ``total`` is the table's byte count when the caller has it (a sum over a
+    million ranges is worth doing once)."""
     command = request.command
     if command is p.Command.START:
         return f"protocol version {request.sender_version}"
@@ -171,7 +178,8 @@ def _request_summary(request: p.Request, payload: bytes = b"", table: p.MemoryRa
             return "empty table"
         first = table.ranges[0]
         more = f" … {len(table) - 1} more" if len(table) > 1 else ""
-        return f"{len(table)} ranges, {table.total_bytes} bytes follow: {first.gpa:#x}+{first.length:#x}{more}"
+        total = table.total_bytes if total is None else total
+        return f"{len(table)} ranges, {total} bytes follow: {first.gpa:#x}+{first.length:#x}{more}"
     if command is p.Command.MEMORY_FD:
         return f"slot {slot}, fd {fd}"
     if command is p.Command.PAGE_FAULT and page is not None:
@@ -180,6 +188,15 @@ def _request_summary(request: p.Request, payload: bytes = b"", table: p.MemoryRa
         head = payload[:32].decode("utf-8", errors="replace")
         return f"{len(payload)} bytes of JSON: {head}{'…' if len(payload) > 32 else ''}"
     return ""
+
+
+def _data_bytes(incoming: IncomingRequest) -> int:
+    """The guest memory a received request moves (Memory) or asks for (PageFault)."""
+    if incoming.table is not None:
+        return incoming.table.total_bytes
+    if incoming.page is not None:
+        return incoming.page.length
+    return 0
 
 
 def _status_name(status: p.Status) -> str:
@@ -206,9 +223,10 @@ class Channel:
     def peer(self) -> str:
         return self.conn.peer
 
-    def _emit(self, direction: str, kind: str, name: str, length: int, summary: str, header: bytes) -> None:
+    def _emit(self, direction: str, kind: str, name: str, length: int, summary: str, header: bytes,
+              data: int = 0) -> None:
         self.observers.notify(Message(time.time(), self.side, self.name, direction, kind, name, length, summary,
-                                      header))
+                                      header, data))
 
     # -- the requesting side -----------------------------------------------------------------------
 
@@ -229,7 +247,8 @@ class Channel:
         """The answer to ``command``, checked: only a PageFault's Ok may carry bytes."""
         header = self.conn.read_exact(p.HEADER_SIZE, what=f"response to {command.wire_name}")
         response = p.Response.decode(header)
-        self._emit(RECEIVED, "response", _status_name(response.status), response.length, "", header)
+        self._emit(RECEIVED, "response", _status_name(response.status), response.length, "", header,
+                   response.length)
         p.check_response(command, response, requested)
         return response
 
@@ -256,7 +275,9 @@ class Channel:
         """
         request = p.Request.memory(table.byte_length)
         header = request.encode()
-        self._emit(SENT, "request", "Memory", request.length, _request_summary(request, table=table), header)
+        total = table.total_bytes
+        self._emit(SENT, "request", "Memory", request.length, _request_summary(request, table=table, total=total),
+                   header, total)
         self.conn.write_all(header + table.encode())
         unreported = 0
         for rng in table:
@@ -298,7 +319,8 @@ class Channel:
         p.check_page_fault_range(page, self.limits)
         request = p.Request.page_fault()
         header = request.encode()
-        self._emit(SENT, "request", "PageFault", request.length, _request_summary(request, page=page), header)
+        self._emit(SENT, "request", "PageFault", request.length, _request_summary(request, page=page), header,
+                   page.length)
         self.conn.write_all(header + page.encode())
         response = self.read_response(p.Command.PAGE_FAULT, page.length)
         if not response.is_ok:
@@ -357,9 +379,10 @@ class Channel:
                        header)
             raise
         incoming = self._read_payload(request)
+        data = _data_bytes(incoming)
         self._emit(RECEIVED, "request", request.command.wire_name, request.length,
                    _request_summary(request, incoming.payload, incoming.table, incoming.slot, incoming.fd,
-                                    incoming.page), header)
+                                    incoming.page, total=data), header, data)
         return incoming
 
     def _read_header(self, idle_timeout: float | None) -> bytes:
@@ -425,7 +448,8 @@ class Channel:
 
     def answer(self, response: p.Response, summary: str = "") -> None:
         header = response.encode()
-        self._emit(SENT, "response", _status_name(response.status), response.length, summary, header)
+        self._emit(SENT, "response", _status_name(response.status), response.length, summary, header,
+                   response.length)
         self.conn.write_all(header)
 
     def answer_ok(self) -> None:

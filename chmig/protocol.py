@@ -655,6 +655,58 @@ def next_receiver_state(state: ReceiverState, command: Command) -> ReceiverState
         ) from None
 
 
+def accepted_next(state: ReceiverState) -> list[Command]:
+    """The commands the receiver accepts in ``state`` (besides Abandon), in the table's order."""
+    return [command for (from_state, command) in RECEIVER_TRANSITIONS if from_state is state]
+
+
+#: What each command is for, in one sentence: the walkthrough and ``trace show`` narrate each request with it,
+#: and ``docs/protocol.md``'s command table is drawn from it.  (Where it goes in the state machine is the
+#: transition table's business, not this one's.)
+COMMAND_PURPOSE: dict[Command, str] = {
+    _C.INVALID: "never valid: the receiver refuses it",
+    _C.START: "opens the migration and names the protocol version the source speaks",
+    _C.CONFIG: "the VM's configuration and RAM layout as JSON: the receiver builds the VM and its guest RAM "
+               "(an offload daemon keeps it as migration_config.json)",
+    _C.STATE: "the vCPUs' registers and the devices' state as JSON: the receiver restores them into its VM",
+    _C.MEMORY: "a table of guest-physical ranges, then the bytes of every range: the receiver writes them into "
+               "guest RAM in place",
+    _C.COMPLETE: "the hand-over: the receiver resumes the VM, and from its Ok on the VM lives there",
+    _C.ABANDON: "the source gives up: the receiver drops what it built and answers Ok",
+    _C.MEMORY_FD: "a RAM slot's memfd, passed as SCM_RIGHTS with its 4-byte slot number: the receiver maps "
+                  "the same memory, so nothing is copied",
+    _C.COMPLETE_PAUSED: "the hand-over of a paused VM: the receiver keeps it paused",
+    _C.PAGE_FAULT: "the destination asks for a range it does not have yet (postcopy): the source answers Ok with "
+                   "the bytes inline, or with length 0 once it wrote them into the shared memfd",
+}
+
+#: What an Ok to a request on an additional connection means (on the main connection an Ok moves the state
+#: machine, which says it all).  PageFault's Ok says it by its length (:func:`check_response`).
+OK_MEANS: dict[Command, str] = {
+    _C.MEMORY: "the bytes of every range are in the receiver's guest RAM",
+    _C.PAGE_FAULT: "the page's bytes follow inline: the destination copies them in (UFFDIO_COPY) and wakes the "
+                   "vCPU that waited",
+}
+#: ... and a PageFault's Ok of length 0.
+OK_PAGE_IN_SHARED_MEMORY = ("length 0: the source wrote the page into the shared memfd; the destination maps it "
+                            "(UFFDIO_CONTINUE)")
+
+
+#: What each request's payload is, for the command table (``docs.py``).
+COMMAND_PAYLOAD: dict[Command, str] = {
+    _C.INVALID: "—",
+    _C.START: "none; `command_headers[0:2]` = the sender's protocol version (0)",
+    _C.CONFIG: 'JSON `{"vm_config", "common_cpuid", "memory_manager_data": {"guest_ram_mappings": [...]}}`',
+    _C.STATE: "JSON: vCPUs and devices",
+    _C.MEMORY: "a MemoryRangeTable (`length` = 16·n), then the bytes of every range, uncounted",
+    _C.COMPLETE: "none",
+    _C.ABANDON: "none",
+    _C.MEMORY_FD: "4 bytes: slot (u32); the memfd rides along as SCM_RIGHTS",
+    _C.COMPLETE_PAUSED: "none",
+    _C.PAGE_FAULT: "one MemoryRange (on a Fault connection)",
+}
+
+
 #: How long the receiver lets the main connection stay silent between requests, by state (a field of
 #: :class:`Limits`, or None: as long as it takes).  In Configured the source may be sending all of its
 #: memory over other connections for as long as precopy runs, so only a dead peer (TCP keepalive) or
@@ -969,6 +1021,14 @@ def receiver_state_diagram() -> str:
     lines.append(f"    {_S.ABORTED.value} --> [*]")
     return "\n".join(lines)
 
+
+def command_table() -> str:
+    """Every :class:`Command` with its number, payload and purpose, as a Markdown table."""
+    rows = ["| command | value | payload | what it is for |", "|---|---|---|---|"]
+    for command in Command:
+        rows.append(f"| {command.wire_name} | {command.value} | {COMMAND_PAYLOAD[command]} | "
+                    f"{COMMAND_PURPOSE[command]} |")
+    return "\n".join(rows)
 
 
 def connection_rules_table() -> str:
