@@ -41,7 +41,7 @@ def vm_options(memory: str | int, cpus: str | int) -> tuple[str, str, int]:
     return memory_text, cpus_text, config.cpus
 
 
-def _table(iterations: list[dict]) -> list[str]:
+def iteration_table(iterations: list[dict]) -> list[str]:
     lines = [f"    {'iteration':>9} {'MiB':>9} {'ms':>9} {'MiB/s':>9} {'dirty MiB/s':>12}"]
     for it in iterations:
         name = f"{it['iteration']}{' final' if it['final'] else ''}"
@@ -72,7 +72,7 @@ def main_demo(args: argparse.Namespace) -> int:
                 options = {"destination_url": url, "connections": args.connections}
                 say(f"3. live migration: send-migration destination_url={url},connections={args.connections}")
             stats = source.call("PUT", "vm.send-migration", options, timeout=600)
-            for line in _table(stats["iterations"]) if stats["iterations"] else []:
+            for line in iteration_table(stats["iterations"]) if stats["iterations"] else []:
                 say(line)
             say(f"   total {stats['total_time_ms'] / 1000:.2f} s, downtime {stats['downtime_ms']:.1f} ms "
                 f"(goal {stats['downtime_goal_ms']} ms), {stats['total_bytes'] / 2**20:.0f} MiB sent")

@@ -30,10 +30,12 @@ def test_every_subcommand_has_help(name: str) -> None:
     assert "usage: chmig" in result.stdout
 
 
-def test_nothing_unimplemented_is_advertised() -> None:
-    """``walkthrough`` comes with its issue; until then --help does not offer it."""
-    assert "walkthrough" not in chmig("--help").stdout
-    assert chmig("walkthrough").returncode == 2
+def test_help_offers_the_walkthrough_and_its_flows() -> None:
+    assert "walkthrough" in chmig("--help").stdout
+    flows = chmig("walkthrough", "--help").stdout
+    for flow in ("precopy", "local", "postcopy", "offload-snapshot", "offload-restore"):
+        assert flow in flows
+    assert chmig("walkthrough").returncode == 2  # a flow must be named
 
 
 def test_selfcheck_runs_a_full_exchange_over_loopback() -> None:
