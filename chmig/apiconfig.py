@@ -41,7 +41,10 @@ Where chmig differs, deliberately:
   for postcopy) and ``prefetch=SIZE|page|off`` on receive (postcopy's
   background pull).  Each is accepted only with ``memory_mode=postcopy`` and
   appears in a body only when given, so a body without them is byte for byte
-  CH's.
+  CH's.  ``trace`` on both (an absolute path: the VMM writes every message
+  of the migration there, :mod:`chmig.trace`) is a JSON field only, set by
+  ``chmig remote ... --trace FILE``, never an option-string key; it too
+  appears in a body only when given.
 * CH fields chmig cannot use (``vfio_fds``, ``iommufd_fd``, ``zone_updates``;
   ``net_fds`` on restore) are refused by name in option strings; in JSON they
   are accepted when null or empty — as ``ch-remote`` always sends them — and
@@ -64,6 +67,7 @@ prints it as one line and exits 2, the API answers it 400.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -164,7 +168,7 @@ JSON_TYPE_NAMES: dict[type, str] = {
     bool: "a boolean", type(None): "null",
 }
 
-#: ``VmSendMigrationData`` as JSON, in CH's declaration order, plus chmig's ``fault_connections``.
+#: ``VmSendMigrationData`` as JSON, in CH's declaration order, plus chmig's ``fault_connections`` and ``trace``.
 SEND_MIGRATION_FIELDS: dict[str, type] = {
     "destination_url": str,
     "local": bool,
@@ -176,8 +180,9 @@ SEND_MIGRATION_FIELDS: dict[str, type] = {
     "tls_dir": str,
     "memory_mode": str,
     "fault_connections": int,
+    "trace": str,
 }
-#: ``VmReceiveMigrationData`` as JSON, in CH's declaration order, plus chmig's ``prefetch``.
+#: ``VmReceiveMigrationData`` as JSON, in CH's declaration order, plus chmig's ``prefetch`` and ``trace``.
 RECEIVE_MIGRATION_FIELDS: dict[str, type] = {
     "receiver_url": str,
     "tls_dir": str,
@@ -186,6 +191,7 @@ RECEIVE_MIGRATION_FIELDS: dict[str, type] = {
     "iommufd_fd": int,
     "zone_updates": list,
     "prefetch": str,
+    "trace": str,
 }
 #: ``RestoreConfig`` as JSON, in CH's declaration order.
 RESTORE_FIELDS: dict[str, type] = {
@@ -308,6 +314,20 @@ def _check_tls_dir(tls_dir: str | None, role: str, what: str, where: str | None)
         raise UsageError(f"{what}: {exc}", where=where) from None
 
 
+def _check_trace(trace: str | None, where: str | None) -> None:
+    """chmig's ``trace`` field: the absolute path of the file the VMM writes the migration's messages to.
+
+    Absolute because the VMM, not its client, opens it (``chmig remote --trace``
+    makes a relative FILE absolute before sending it); whether it can be
+    written is found when the migration opens it (:class:`chmig.trace.TraceWriter`).
+    """
+    if trace is None:
+        return
+    if not trace or "\x00" in trace or not os.path.isabs(trace):
+        raise UsageError(f"trace (a chmig extension) must be the absolute path of a file to write, not "
+                         f"{_show_key(trace)}", where=where)
+
+
 _CANCEL, _IGNORE = "cancel", "ignore"
 _PRECOPY, _POSTCOPY = "precopy", "postcopy"
 _TIMEOUT_VARIANTS = ("Cancel", "Ignore")
@@ -321,7 +341,7 @@ _MODE_VARIANTS = ("Precopy", "Postcopy")
 
 @dataclass
 class SendOptions:
-    """``VmSendMigrationData``: Cloud Hypervisor's field names and defaults, plus ``fault_connections``.
+    """``VmSendMigrationData``: Cloud Hypervisor's field names and defaults, plus ``fault_connections``, ``trace``.
 
     Enums are held in lower case (``"cancel"``, ``"postcopy"``).  Build one
     from an option string with :meth:`parse`, from a JSON body with
@@ -340,6 +360,9 @@ class SendOptions:
     #: Postcopy (a chmig extension): Fault connections to open; the destination keeps the first for urgent
     #: faults and pulls over the others.  A Cloud Hypervisor destination uses one and closes the rest.
     fault_connections: int = p.DEFAULT_FAULT_CONNECTIONS
+    #: chmig's extension (JSON only, from ``chmig remote send-migration --trace FILE``): the absolute path the
+    #: VMM writes every message of this migration to.  None: no trace.
+    trace: str | None = None
     #: The chmig extension keys that were given (only those are checked and serialized).
     extensions_given: frozenset[str] = field(default=frozenset(), repr=False, compare=False)
 
@@ -390,7 +413,7 @@ class SendOptions:
             raise JsonBodyError(f"field 'connections' is out of range (1..{U32_MAX})", where=where)
         options = cls(body["destination_url"])
         for name in ("local", "preserve_source", "downtime_ms", "timeout_s", "connections", "tls_dir",
-                     "fault_connections"):
+                     "fault_connections", "trace"):
             if body.get(name) is not None:
                 setattr(options, name, body[name])
         if "timeout_strategy" in body:
@@ -442,9 +465,11 @@ class SendOptions:
             raise UsageError(f"fault_connections must be 1..{most_faults}, got {self.fault_connections}", where=where)
         if "fault_connections" in self.extensions_given and self.memory_mode != _POSTCOPY:
             raise UsageError("fault_connections (a chmig extension) is only for memory_mode=postcopy", where=where)
+        _check_trace(self.trace, where)
 
     def to_api(self) -> dict[str, Any]:
-        """serde's JSON of ``VmSendMigrationData``: every field in order; ``fault_connections`` only if given."""
+        """serde's JSON of ``VmSendMigrationData``: every field in order; ``fault_connections`` and ``trace``
+        only if given."""
         body: dict[str, Any] = {
             "destination_url": self.destination_url,
             "local": self.local,
@@ -458,6 +483,8 @@ class SendOptions:
         }
         if "fault_connections" in self.extensions_given:
             body["fault_connections"] = self.fault_connections
+        if self.trace is not None:
+            body["trace"] = self.trace
         return body
 
     @property
@@ -475,7 +502,7 @@ class SendOptions:
 
 @dataclass
 class ReceiveOptions:
-    """``VmReceiveMigrationData`` (the fields chmig can use), plus ``prefetch``; also ``chmig receive``'s options.
+    """``VmReceiveMigrationData`` (the fields chmig can use), plus ``prefetch``, ``trace``; also ``chmig receive``'s.
 
     ``memory_mode`` is held in lower case.  :meth:`parse` takes ``ch-remote``'s
     option string, :meth:`from_api` its JSON; both validate.  ``populate`` is
@@ -488,6 +515,9 @@ class ReceiveOptions:
     #: Postcopy (a chmig extension): how the pages no fault asked for are pulled (``page``, ``off`` or a size,
     #: 256K..2M).  None: not given (the default pull).
     prefetch: str | None = None
+    #: chmig's extension (JSON only, from ``--trace FILE``): the absolute path the VMM writes every message of
+    #: this migration to, until the VM is whole.  None: no trace.
+    trace: str | None = None
     #: Fault in each range with MADV_POPULATE_WRITE just before its data arrives (see bench/precopy.py).
     populate: bool = True
 
@@ -524,7 +554,8 @@ class ReceiveOptions:
             _refuse_unusable(body, _RECEIVE_UNUSABLE, where)
         body = check_fields(body, RECEIVE_MIGRATION_FIELDS, required=("receiver_url",), nullable=NULLABLE_FIELDS,
                             where=where)
-        options = cls(body["receiver_url"], tls_dir=body.get("tls_dir"), prefetch=body.get("prefetch"))
+        options = cls(body["receiver_url"], tls_dir=body.get("tls_dir"), prefetch=body.get("prefetch"),
+                      trace=body.get("trace"))
         if "memory_mode" in body:
             options.memory_mode = enum_variant(body["memory_mode"], "memory_mode", _MODE_VARIANTS, where)
         options.validate(where)
@@ -545,9 +576,11 @@ class ReceiveOptions:
             self.pull()
         except UsageError as exc:
             raise UsageError(exc.message, where=where) from None
+        _check_trace(self.trace, where)
 
     def to_api(self) -> dict[str, Any]:
-        """serde's JSON of ``VmReceiveMigrationData`` as ch-remote sends it; ``prefetch`` only if given."""
+        """serde's JSON of ``VmReceiveMigrationData`` as ch-remote sends it; ``prefetch`` and ``trace`` only if
+        given."""
         body: dict[str, Any] = {
             "receiver_url": self.receiver_url,
             "tls_dir": self.tls_dir,
@@ -558,6 +591,8 @@ class ReceiveOptions:
         }
         if self.prefetch is not None:
             body["prefetch"] = self.prefetch
+        if self.trace is not None:
+            body["trace"] = self.trace
         return body
 
     def pull(self) -> Prefetch:

@@ -232,6 +232,9 @@ def build_parser() -> argparse.ArgumentParser:
     receive.add_argument("--prefetch", metavar="SIZE|page|off",
                          help="postcopy: pull the pages no fault asked for in ranges of SIZE (256K..2M, default "
                               "1M); page = one page per idle loop (Cloud Hypervisor's way); off = no pull")
+    receive.add_argument("--trace", metavar="FILE",
+                         help="write every message of the migration to FILE as it passes (until the VM is whole), "
+                              "one JSON object a line; read it with `chmig trace show FILE [--mermaid OUT]`")
 
     offload = sub.add_parser("offload", help="snapshot/restore daemon (a drop-in for Cloud Hypervisor's "
                                              "offload_daemon)")
@@ -240,6 +243,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_offload_arguments(offload)
 
+    walkthrough = sub.add_parser("walkthrough", help="teach the protocol: run a real migration and narrate every "
+                                                     "message",
+                                 description="Run a real migration of a small self-verifying guest (both ends in "
+                                             "this process: real sockets, real KVM, real userfaultfd) and narrate "
+                                             "every message as it passes.")
+    walkthrough.set_defaults(handler=_lazy("walkthrough", "main_walkthrough"))
+    from .walkthrough import add_arguments as add_walkthrough_arguments
+
+    add_walkthrough_arguments(walkthrough)
+
+    trace = sub.add_parser("trace", help="narrate and draw a trace file written by --trace")
+    trace.set_defaults(handler=_lazy("trace", "main_trace"))
+    from .trace import add_arguments as add_trace_arguments
+
+    add_trace_arguments(trace)
 
     demo = sub.add_parser("demo", help="the main job: a live migration between two chmig processes")
     demo.set_defaults(handler=_lazy("demo", "main_demo"))

@@ -52,6 +52,7 @@ from typing import Callable
 from . import protocol as p
 from .channel import Channel, IncomingRequest, Observers
 from .errors import ChmigError, MigrationError, PeerError, ProtocolError, UsageError
+from .trace import TraceWriter
 from .snapshot_dir import (
     CHUNK_SIZE,
     ChunkVerifier,
@@ -636,6 +637,10 @@ class RestoreSender:
 # ---------------------------------------------------------------------------------------------
 
 
+TRACE_HELP = ("write every message of the migration to FILE as it passes, one JSON object a line; read it with "
+              "`chmig trace show FILE [--mermaid OUT]`")
+
+
 def add_arguments(offload: argparse.ArgumentParser) -> None:
     """``chmig offload snapshot|restore|verify`` with the reference daemon's flags."""
     modes = offload.add_subparsers(dest="mode", metavar="MODE", required=True)
@@ -643,6 +648,7 @@ def add_arguments(offload: argparse.ArgumentParser) -> None:
                                                  "write it to a directory")
     snapshot.add_argument("--socket", required=True, help="UNIX socket to listen on (locked by SOCKET.lock)")
     snapshot.add_argument("--output-dir", required=True, help="directory to write the snapshot into")
+    snapshot.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
     restore = modes.add_parser("restore", help="send a snapshot to a VMM listening with receive-migration")
     restore.add_argument("--socket", required=True, help="the UNIX socket the VMM listens on")
     restore.add_argument("--input-dir", required=True, help="directory to read the snapshot from")
@@ -655,6 +661,7 @@ def add_arguments(offload: argparse.ArgumentParser) -> None:
     restore.add_argument("--fault-connections", type=int, default=1, metavar="N",
                          help="--ondemand: Fault connections to open (default 1, as the reference daemon; more "
                               "lets a chmig VMM pull in the background while faults are served)")
+    restore.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
     verify = modes.add_parser("verify", help="check a snapshot's files against its manifest")
     verify.add_argument("--input-dir", required=True, help="the snapshot directory")
 
@@ -666,16 +673,22 @@ def main_offload(args: argparse.Namespace) -> int:
             print(f"chmig offload verify: {line}")
         print(f"chmig offload verify: {args.input_dir} is intact")
         return 0
-    if args.mode == "snapshot":
-        receiver = SnapshotReceiver(args.socket, args.output_dir)
-        result = receiver.run(on_listening=lambda path: print(f"chmig offload: listening on {path}", flush=True))
-        print(f"chmig offload: {result.summary()}", flush=True)
+    trace = TraceWriter(args.trace) if args.trace else None  # before the daemon starts: a bad FILE is exit 2
+    observers = Observers(trace) if trace is not None else None
+    try:
+        if args.mode == "snapshot":
+            receiver = SnapshotReceiver(args.socket, args.output_dir, observers=observers)
+            result = receiver.run(on_listening=lambda path: print(f"chmig offload: listening on {path}", flush=True))
+            print(f"chmig offload: {result.summary()}", flush=True)
+            return 0
+        sender = RestoreSender(args.socket, args.input_dir, resume=args.resume, ondemand=args.ondemand,
+                               fault_connections=args.fault_connections, observers=observers)
+        restored = sender.run()
+        print(f"chmig offload: {restored.summary()}", flush=True)
         return 0
-    sender = RestoreSender(args.socket, args.input_dir, resume=args.resume, ondemand=args.ondemand,
-                           fault_connections=args.fault_connections)
-    restored = sender.run()
-    print(f"chmig offload: {restored.summary()}", flush=True)
-    return 0
+    finally:
+        if trace is not None:
+            trace.close()
 
 
 __all__ = ["MIGRATION_CONFIG_FILE", "STATE_FILE", "RestoreSender", "SnapshotImage", "SnapshotReceiver",

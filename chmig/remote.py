@@ -15,6 +15,10 @@ plain line per iteration or phase otherwise); for a receive, one line once
 ``vmm.ping`` shows it listening, so a script can start the sender then.
 ``--quiet`` turns both off.  Nothing of this goes to standard output, which
 carries only the answer's JSON.
+
+``--trace FILE`` on both (chmig's own flag, not ``ch-remote``'s): FILE is made
+absolute here and sent as the body's ``trace`` field; the VMM, which sees the
+messages, writes them there as they pass (:mod:`chmig.trace`).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import threading
 import time
@@ -52,6 +57,8 @@ class Verb:
     body: Callable[[str], dict] | None = None
     #: What to watch while the request blocks (:data:`WATCHERS`), unless ``--quiet``.
     watch: str | None = None
+    #: Takes ``--trace FILE`` (the body's ``trace`` field: the VMM writes the migration's messages to FILE).
+    trace: bool = False
 
 
 #: ``ch-remote``'s verbs that chmig serves, sorted as ``ch-remote --help`` lists them, and chmig's own
@@ -66,19 +73,23 @@ VERBS: tuple[Verb, ...] = (
     Verb("ping", "Ping the VMM to check for API server availability", "GET", "vmm.ping"),
     Verb("receive-migration", "Receive a VM migration", "PUT", "vm.receive-migration",
          "receive_migration_config", apiconfig.RECEIVE_MIGRATION_SYNTAX, apiconfig.receive_migration_body,
-         watch="receive"),
+         watch="receive", trace=True),
     Verb("restore", "Restore VM from a snapshot", "PUT", "vm.restore",
          "restore_config", apiconfig.RESTORE_SYNTAX, apiconfig.restore_body),
     Verb("resume", "Resume the VM", "PUT", "vm.resume"),
     Verb("send-migration", "Initiate a VM migration", "PUT", "vm.send-migration",
          "send_migration_config", apiconfig.SEND_MIGRATION_SYNTAX, apiconfig.send_migration_body,
-         watch="send"),
+         watch="send", trace=True),
     Verb("shutdown", "Shutdown the VM", "PUT", "vm.shutdown"),
     Verb("shutdown-vmm", "Shutdown the VMM", "PUT", "vmm.shutdown"),
     Verb("snapshot", "Create a snapshot from VM", "PUT", "vm.snapshot",
          "snapshot_config", apiconfig.SNAPSHOT_SYNTAX, apiconfig.snapshot_body),
 )
 VERBS_BY_NAME: dict[str, Verb] = {verb.name: verb for verb in VERBS}
+
+TRACE_HELP = ("chmig: the VMM writes every message of this migration to FILE as it passes, one JSON object a "
+              "line (a relative FILE is resolved against the current directory); read it with "
+              "`chmig trace show FILE [--mermaid OUT]`")
 
 
 def add_arguments(remote: argparse.ArgumentParser) -> None:
@@ -98,12 +109,16 @@ def add_arguments(remote: argparse.ArgumentParser) -> None:
         if verb.watch is not None:
             sub.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
                              help=WATCHERS[verb.watch].QUIET_HELP)
+        if verb.trace:
+            sub.add_argument("--trace", metavar="FILE", help=TRACE_HELP)
 
 
 def main_remote(args: argparse.Namespace) -> int:
     """``chmig remote --api-socket PATH VERB [ARGUMENT]``: one API call; its answer's JSON on standard output."""
     verb = VERBS_BY_NAME[args.verb]
     body = verb.body(args.config) if verb.body is not None else None  # bad options: a UsageError, exit 2
+    if body is not None and getattr(args, "trace", None):
+        body["trace"] = os.path.abspath(args.trace)  # the VMM opens it: a path relative to here means nothing there
     if verb.watch is not None and not args.quiet:
         with WATCHERS[verb.watch](args.api_socket, sys.stderr):
             result = request(args.api_socket, verb.method, verb.action, body)

@@ -48,6 +48,7 @@ if TYPE_CHECKING:
     from .api import ApiServer
 
 from . import __version__
+from . import protocol as p
 from .channel import Observers
 from .errors import (ChmigError, MigrationError, NoVmError, PostcopyError, StuckThreadError, TransportError,
                      UsageError, VmError)
@@ -64,6 +65,7 @@ from .vm import Serial, Vm, VmConfig, VmState
 
 if TYPE_CHECKING:
     from .snapshot import RestoreConfig, RestoreStats
+    from .trace import TraceWriter
 
 log = logging.getLogger(__name__)
 
@@ -145,6 +147,8 @@ class Vmm:
         self.task: MigrationTask | None = None
         #: Every migration's messages go to these observers (traces, walkthroughs).
         self.observers = Observers()
+        #: The protocol's limits for this VMM's migrations (the walkthrough's ``--step`` lengthens the timeouts).
+        self.limits = p.DEFAULT_LIMITS
         #: The thread whose API request ends the process once its reply is out (``vmm.shutdown``, or the
         #: send-migration that handed the VM over); only that request's end may set the exit event, or a
         #: ``vm.info`` finishing first would end the process before the migration's answer is written.
@@ -337,16 +341,45 @@ class Vmm:
             vm = self.require_vm()
             if vm.state not in (VmState.RUNNING, VmState.PAUSED):
                 raise VmError(f"cannot migrate a VM that is {vm.state}")
-            sender = Sender(vm, options, new_stats(options), self.observers, on_event=self._vm_event)
-            self.sender = sender
-            self.migration = sender.stats
-            self.task = task = MigrationTask("send-migration", lambda: self._send(sender), sender.cancel)
+            trace = self._start_trace(options.trace)  # a file that cannot be written: a UsageError, 400
+            try:
+                sender = Sender(vm, options, new_stats(options), self.observers, self.limits, on_event=self._vm_event)
+                self.sender = sender
+                self.migration = sender.stats
+                self.task = task = MigrationTask("send-migration", lambda: self._send(sender), sender.cancel)
+            except BaseException:
+                self._end_trace(trace)
+                raise
 
         def hand_over(stats: MigrationStats) -> None:
             if not options.preserve_source:
                 self.retire_vm()
 
-        return self._run_task(task, hand_over).to_json()
+        try:
+            # The send ends when the destination has everything (after postcopy: every page), so its trace too.
+            return self._run_task(task, hand_over).to_json()
+        finally:
+            self._end_trace(trace)
+
+    def _start_trace(self, path: str | None) -> TraceWriter | None:
+        """``trace``: open the file (a UsageError if it cannot be written) and observe the messages into it."""
+        if path is None:
+            return None
+        from .trace import TraceWriter
+
+        writer = TraceWriter(path)
+        self.observers.add(writer)
+        return writer
+
+    def _end_trace(self, writer: TraceWriter | None) -> None:
+        if writer is not None:
+            self.observers.remove(writer)
+            writer.close()
+
+    def _trace_until_done(self, pager: PostcopyPager, writer: TraceWriter) -> None:
+        """A postcopy receive's trace goes on while the pager brings pages in: it ends when the pager does."""
+        pager.wait()
+        self._end_trace(writer)
 
     def _vm_event(self, event: str, properties: dict[str, str] | None = None) -> None:
         """The hook the sender and receiver report their ``vm`` events through."""
@@ -377,18 +410,28 @@ class Vmm:
             if self.vm is not None:
                 raise VmError("cannot receive a migration: this VMM already has a VM")
             self._require_idle("receive a migration")
-            listener = listen(parse_url(options.receiver_url), options.tls())
-            receiver = Receiver(listener, serial_spec=self.serial_spec, populate=options.populate,
-                                observers=self.observers, memory_mode=options.memory_mode,
-                                prefetch=options.pull(), on_event=self._receive_event)
+            trace = self._start_trace(options.trace)  # before anything listens; a UsageError, 400
+            try:
+                listener = listen(parse_url(options.receiver_url), options.tls())
+                receiver = Receiver(listener, serial_spec=self.serial_spec, limits=self.limits,
+                                    populate=options.populate, observers=self.observers,
+                                    memory_mode=options.memory_mode, prefetch=options.pull(),
+                                    on_event=self._receive_event)
+            except BaseException:
+                self._end_trace(trace)
+                raise
             self.migration = receiver.stats
             self.task = task = MigrationTask("receive-migration", receiver.run, receiver.cancel)
             self.receiving = {"kind": "receive-migration", "state": "listening", "address": str(listener.address)}
 
         def adopt(vm: Vm) -> None:
+            nonlocal trace
             self.adopt(vm)
             if receiver.pager is not None:
                 self._watch(receiver.pager)
+                if trace is not None:  # postcopy: the pages still come, and their messages go on the trace
+                    self.postcopy_threads.start("postcopy-trace", self._trace_until_done, receiver.pager, trace)
+                    trace = None
                 receiver.pager = None
 
         try:
@@ -409,6 +452,7 @@ class Vmm:
             with self.lock:
                 if self.task is task:
                     self.task = None
+            self._end_trace(trace)
         return receiver.stats
 
     # -- snapshot and restore ----------------------------------------------------------------
@@ -699,8 +743,12 @@ def _receive(args: argparse.Namespace, events: EventMonitor) -> int:
     api_socket, api_socket_fd = _api_args(args)
     Serial(args.serial).close()  # a bad --serial is an error before anything listens
     options = ReceiveOptions(receiver_url=args.listen, tls_dir=args.tls_dir, memory_mode=args.memory_mode,
-                             prefetch=args.prefetch)
+                             prefetch=args.prefetch, trace=os.path.abspath(args.trace) if args.trace else None)
     options.validate()
+    if options.trace is not None:
+        from .trace import TraceWriter
+
+        TraceWriter(options.trace).close()  # a file that cannot be written is an error before anything listens
     vmm = Vmm(args.serial, events)
     vmm.exit_on_vm_failure = api_socket is None and api_socket_fd is None
     server = start_api(vmm, api_socket, api_socket_fd)
