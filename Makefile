@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test bench demo selfcheck guest docs clean fuzz
+.PHONY: install test bench demo selfcheck guest docs traces clean fuzz
 
 # One command on a fresh machine: a venv with chmig (editable) and the test tools.
 install: $(VENV)/.installed
@@ -38,5 +38,10 @@ guest:
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache
 
-docs:
-	$(PYTHON) -m chmig.docs docs/protocol.md
+# Redraw what docs/protocol.md draws from protocol.py's tables and from the committed traces (no KVM needed).
+docs: install
+	$(PY) -m chmig.docs docs/protocol.md
+
+# Record docs/traces/ anew from real runs of every `chmig walkthrough` (KVM, userfaultfd), then redraw.
+traces: install
+	$(PY) -m chmig.docs --record docs/protocol.md

@@ -1,20 +1,83 @@
-"""Regenerate the parts of the docs that are drawn from the code (``make docs``).
+"""Regenerate the parts of the docs that are drawn from the code and from real runs (``make docs``).
 
 docs/protocol.md carries every protocol table of :mod:`chmig.protocol`, each
-between two marker lines: the receiver's state diagram and the source's view
-of it (both from ``RECEIVER_TRANSITIONS``), what each connection may carry
-(``CONNECTION_RULES``) and every limit (``Limits``).  They are produced from
-the tables themselves, so the pictures cannot drift from the code; a test
-checks that the committed file is current.
+between two marker lines: the commands (``COMMAND_PURPOSE``), the receiver's
+state diagram and the source's view of it (both from ``RECEIVER_TRANSITIONS``),
+what each connection may carry (``CONNECTION_RULES``) and every limit
+(``Limits``).  They are produced from the tables themselves, so the pictures
+cannot drift from the code; a test checks that the committed file is current.
+
+Each flow's sequence diagram and narration excerpt are drawn the same way from
+a trace of a real run, committed in ``docs/traces/FLOW.jsonl`` (the messages as
+the source saw them).  ``make traces`` records them anew — it runs every
+``chmig walkthrough`` with ``--trace`` on this machine's KVM — and redraws;
+``make docs`` only redraws, so it is deterministic and needs no KVM.
 """
 
 from __future__ import annotations
 
+import json
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Callable
 
 from . import protocol as p
+
+#: The committed traces of real runs, one per walkthrough flow.
+TRACE_DIR = Path(__file__).resolve().parent.parent / "docs" / "traces"
+#: The walkthrough flows the guide shows, and the phase whose narration it quotes for each.
+FLOW_EXCERPTS: dict[str, str] = {
+    "precopy": "Memory connections",
+    "local": "Memory by file descriptor",
+    "postcopy": "Pages on demand",
+    "offload-snapshot": "Memory by file descriptor",
+    "offload-restore": "Pages on demand",
+}
+#: Lines of narration the guide quotes per flow, from the heading of its phase on.
+EXCERPT_LINES = 24
+#: Guest RAM of the recorded runs: small, so the traces stay small.
+RECORD_MEMORY = "32M"
+
+
+def trace_path(flow: str) -> Path:
+    return TRACE_DIR / f"{flow}.jsonl"
+
+
+def flow_diagram(flow: str) -> str:
+    from .trace import mermaid, read_trace
+
+    return _mermaid(mermaid(read_trace(trace_path(flow))).rstrip("\n"))
+
+
+def flow_narration(flow: str) -> str:
+    """The narration of one phase of the recorded run, as ``chmig trace show`` tells it."""
+    from .trace import Narrator, read_trace
+
+    lines: list[str] = []
+    Narrator(lines.append).tell_all(read_trace(trace_path(flow)))
+    title = f"== {FLOW_EXCERPTS[flow]}:"
+    begin = next(i for i, line in enumerate(lines) if line.startswith(title))
+    excerpt = [line for line in lines[begin:] if line.strip()][:EXCERPT_LINES]
+    return "```text\n" + "\n".join(excerpt) + "\n```"
+
+
+def record(flows: list[str] | None = None) -> None:
+    """Run each walkthrough for real and keep its trace, as the source saw it (``make traces``)."""
+    from .trace import in_view, read_trace
+
+    TRACE_DIR.mkdir(parents=True, exist_ok=True)
+    for flow in flows or list(FLOW_EXCERPTS):
+        with tempfile.TemporaryDirectory(prefix="chmig-docs-") as tmp:
+            trace = Path(tmp) / "trace.jsonl"
+            subprocess.run([sys.executable, "-m", "chmig", "walkthrough", flow, "--memory", RECORD_MEMORY,
+                            "--trace", str(trace)], check=True, stdout=subprocess.DEVNULL)
+            kept = in_view(read_trace(trace))
+        with open(trace_path(flow), "w") as out:
+            for message in kept:
+                out.write(json.dumps(message.to_json(), ensure_ascii=False) + "\n")
+        print(f"{trace_path(flow)}: {len(kept)} messages")
 
 
 def _mermaid(text: str) -> str:
@@ -23,6 +86,7 @@ def _mermaid(text: str) -> str:
 
 #: Block name → (the table it is drawn from, how to draw it).
 BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
+    "commands": ("COMMAND_PURPOSE", p.command_table),
     "receiver-state-diagram": ("RECEIVER_TRANSITIONS", lambda: _mermaid(p.receiver_state_diagram())),
     "source-state-diagram": ("RECEIVER_TRANSITIONS, seen by SourceMachine",
                              lambda: _mermaid(p.source_sequence_diagram())),
@@ -31,6 +95,9 @@ BLOCKS: dict[str, tuple[str, Callable[[], str]]] = {
     "receiver-idle-timeouts": ("RECEIVER_IDLE_TIMEOUTS", p.idle_timeouts_table),
     "offload-refusals": ("OFFLOAD_SNAPSHOT_REFUSED", p.offload_refusals_table),
 }
+for _flow in FLOW_EXCERPTS:
+    BLOCKS[f"{_flow}-diagram"] = (f"docs/traces/{_flow}.jsonl", lambda flow=_flow: flow_diagram(flow))
+    BLOCKS[f"{_flow}-narration"] = (f"docs/traces/{_flow}.jsonl", lambda flow=_flow: flow_narration(flow))
 
 
 def begin_marker(name: str) -> str:
@@ -67,5 +134,9 @@ def update(path: Path) -> bool:
 
 
 if __name__ == "__main__":
-    target = Path(sys.argv[1] if len(sys.argv) > 1 else "docs/protocol.md")
+    arguments = sys.argv[1:]
+    if arguments[:1] == ["--record"]:
+        arguments = arguments[1:]
+        record()
+    target = Path(arguments[0] if arguments else "docs/protocol.md")
     print(f"{target}: {'updated' if update(target) else 'up to date'}")
