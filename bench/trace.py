@@ -78,29 +78,32 @@ def migrate(prefetch: str, trace_dir: Path | None) -> dict:
 
 
 def main() -> None:
-    _common.header("--trace on a postcopy migration: both ends traced vs untraced (baseline), same run")
     migrate("1M", None)  # warm-up: first touches of memory on this machine cost more (machine-facts)
-    print(f"{'pull':<6} {'':>9} {'whole ms':>9} {'p50 µs':>8} {'p99 µs':>8} {'messages':>9} {'trace MiB':>10}")
+    rows: list[list[object]] = []
     for prefetch in ("page", "1M"):
-        rows: dict[str, dict] = {}
+        medians: dict[str, dict[str, float]] = {}
         for label in ("untraced", "traced"):
             runs = []
             for _ in range(RUNS):
                 with tempfile.TemporaryDirectory(prefix="chmig-bench-trace-") as tmp:
                     runs.append(migrate(prefetch, Path(tmp) if label == "traced" else None))
-            rows[label] = {
+            medians[label] = {
                 "whole": statistics.median(r["whole_after_ms"] for r in runs),
                 "p50": statistics.median(r["fault_latency_us"]["p50"] for r in runs),
                 "p99": statistics.median(r["fault_latency_us"]["p99"] for r in runs),
                 "lines": statistics.median(r["trace_lines"] for r in runs),
                 "mib": statistics.median(r["trace_bytes"] for r in runs) / (1 << 20),
             }
-            row = rows[label]
-            print(f"{prefetch:<6} {label:>9} {row['whole']:9.0f} {row['p50']:8.0f} {row['p99']:8.0f} "
-                  f"{row['lines']:9.0f} {row['mib']:10.1f}")
-        base, traced = rows["untraced"], rows["traced"]
-        print(f"{prefetch:<6} {'ratio':>9} {traced['whole'] / base['whole']:9.2f} "
-              f"{traced['p50'] / base['p50']:8.2f} {traced['p99'] / base['p99']:8.2f}")
+        base, traced = medians["untraced"], medians["traced"]
+        rows.append([f"prefetch={prefetch}", f"{base['whole']:.0f}", f"{traced['whole']:.0f}",
+                     f"{traced['whole'] / base['whole']:.2f}", f"{base['p50']:.0f} / {base['p99']:.0f}",
+                     f"{traced['p50']:.0f} / {traced['p99']:.0f}", f"{traced['lines']:.0f}", f"{traced['mib']:.1f}"])
+    _common.table(f"--trace on a postcopy migration of a {MEMORY} verify guest: both ends traced (chmig) vs "
+                  f"untraced (baseline), median of {RUNS}",
+                  ["pull", "whole ms (base)", "whole ms (traced)", "ratio", "fault p50/p99 µs (base)",
+                   "fault p50/p99 µs (traced)", "messages", "trace MiB"], rows,
+                  ["whole: from State until every page is present (destination's postcopy statistics)",
+                   "messages: lines written to both ends' trace files (each message twice: sent and received)"])
 
 
 if __name__ == "__main__":
