@@ -41,7 +41,7 @@ def migrate(prefetch: str, trace_dir: Path | None) -> dict:
             vmm.observers.add(writer)
     try:
         source.boot(VmConfig.from_args("boot=1", f"size={MEMORY},shared=off", [], "verify"))
-        while source.info()["guest"]["rounds"] < 1:
+        while source.info()["guest"]["rounds"] < 1:  # a tool watching the guest's counters: nothing signals them
             threading.Event().wait(0.05)
         listening: list[str] = []
         ready = threading.Event()
@@ -57,11 +57,12 @@ def migrate(prefetch: str, trace_dir: Path | None) -> dict:
 
         thread = threading.Thread(target=receive, name="bench-receive")
         thread.start()
-        ready.wait(60)
-        if failure:
-            raise failure[0]
+        if not ready.wait(60) or failure:
+            raise failure[0] if failure else RuntimeError("the destination did not listen within 60 s")
         source.send_migration({"destination_url": listening[0], "memory_mode": "Postcopy"})
         thread.join(60)
+        if thread.is_alive() or failure:
+            raise failure[0] if failure else RuntimeError("the receive did not end within 60 s")
         pager = destination.postcopy
         assert pager is not None and pager.done.wait(300), "postcopy did not finish"
         stats = pager.stats.to_json()

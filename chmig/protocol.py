@@ -668,10 +668,12 @@ COMMAND_PURPOSE: dict[Command, str] = {
     _C.START: "opens the migration and names the protocol version the source speaks",
     _C.CONFIG: "the VM's configuration and RAM layout as JSON: the receiver builds the VM and its guest RAM "
                "(an offload daemon keeps it as migration_config.json)",
-    _C.STATE: "the vCPUs' registers and the devices' state as JSON: the receiver restores them into its VM",
+    _C.STATE: "the vCPUs' registers and the devices' state as JSON: the receiver restores them into its VM (an "
+              "offload daemon keeps them as state.json)",
     _C.MEMORY: "a table of guest-physical ranges, then the bytes of every range: the receiver writes them into "
                "guest RAM in place",
-    _C.COMPLETE: "the hand-over: the receiver resumes the VM, and from its Ok on the VM lives there",
+    _C.COMPLETE: "the hand-over: the receiver resumes the VM, and from its Ok on the VM lives there (an offload "
+                 "daemon answers once the snapshot is on disk)",
     _C.ABANDON: "the source gives up: the receiver drops what it built and answers Ok",
     _C.MEMORY_FD: "a RAM slot's memfd, passed as SCM_RIGHTS with its 4-byte slot number: the receiver maps "
                   "the same memory, so nothing is copied",
@@ -684,8 +686,8 @@ COMMAND_PURPOSE: dict[Command, str] = {
 #: machine, which says it all).  PageFault's Ok says it by its length (:func:`check_response`).
 OK_MEANS: dict[Command, str] = {
     _C.MEMORY: "the bytes of every range are in the receiver's guest RAM",
-    _C.PAGE_FAULT: "the page's bytes follow inline: the destination copies them in (UFFDIO_COPY) and wakes the "
-                   "vCPU that waited",
+    _C.PAGE_FAULT: "the page's bytes follow inline: the destination copies them in (UFFDIO_COPY), which wakes any "
+                   "vCPU that waited for them (a range of the background pull wakes none)",
 }
 #: ... and a PageFault's Ok of length 0.
 OK_PAGE_IN_SHARED_MEMORY = ("length 0: the source wrote the page into the shared memfd; the destination maps it "

@@ -33,7 +33,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import sys
 import textwrap
 import threading
@@ -43,7 +45,7 @@ from typing import IO, Callable, Iterable
 
 from . import protocol as p
 from .channel import RECEIVED, SENT, Message
-from .errors import UsageError
+from .errors import ProtocolError, UsageError
 from .units import GiB, KiB, MiB
 
 log = logging.getLogger(__name__)
@@ -58,6 +60,11 @@ REPEATING = frozenset({"Memory", "PageFault"})
 TEXT_WIDTH = 100
 
 _SIDES = (p.Side.SOURCE.value, p.Side.DESTINATION.value)
+#: A connection's name as chmig gives it (``main``, ``memory-3``, ``fault-0``, ``unannounced``): no characters a
+#: Mermaid participant or a terminal would take for something else.
+_CONNECTION_NAME = re.compile(r"[A-Za-z0-9-]{1,64}")
+#: Characters never printed as they are: a peer's Config bytes or a trace file's text must not drive the terminal.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _KINDS = ("request", "response", "role")
 
 
@@ -145,15 +152,27 @@ def message_from_json(record: object, where: str = "trace") -> Message:
         raise UsageError(f"header must be {p.HEADER_SIZE} bytes ({p.ROLE_SIZE} for a role), not {len(header)}",
                          where=where)
     data = record.get("data", 0)
-    if not isinstance(data, int) or isinstance(data, bool) or data < 0:
-        raise UsageError("field 'data' must be a non-negative integer", where=where)
+    if not isinstance(data, int) or isinstance(data, bool) or not 0 <= data < 1 << 64:
+        raise UsageError("field 'data' must be an integer in 0..2**64-1", where=where)
     length = _field(record, "length", int, where)
-    if int(length) < 0:  # type: ignore[call-overload]
-        raise UsageError("field 'length' must not be negative", where=where)
-    return Message(time=float(_field(record, "time", (int, float), where)),  # type: ignore[arg-type]
-                   side=str(side), connection=str(_field(record, "connection", str, where)),
-                   direction=str(direction), kind=str(kind), name=str(_field(record, "name", str, where)),
-                   length=int(length),  # type: ignore[call-overload]
+    if not 0 <= int(length) < 1 << 64:  # type: ignore[call-overload]
+        raise UsageError("field 'length' must be an integer in 0..2**64-1", where=where)
+    raw_time = _field(record, "time", (int, float), where)
+    try:
+        when = float(raw_time)  # type: ignore[arg-type]
+    except OverflowError:
+        when = math.inf
+    if not math.isfinite(when):
+        raise UsageError("field 'time' must be a finite number of seconds", where=where)
+    connection = str(_field(record, "connection", str, where))
+    if not _CONNECTION_NAME.fullmatch(connection):
+        raise UsageError(f"connection {connection[:80]!r} is not a connection name (main, memory-N, fault-N)",
+                         where=where)
+    name = str(_field(record, "name", str, where))
+    if len(name) > 80:
+        raise UsageError("field 'name' is longer than 80 characters", where=where)
+    return Message(time=when, side=str(side), connection=connection, direction=str(direction), kind=str(kind),
+                   name=name, length=int(length),  # type: ignore[call-overload]
                    summary=str(_field(record, "summary", str, where)), header=header, data=data)
 
 
@@ -244,7 +263,9 @@ class Arrow:
         return other_side(self.sender)
 
     def label(self) -> str:
+        """The arrow's text; ``#`` and ``;`` as Mermaid's entity codes (they would end or cut the line)."""
         text = f"role {self.name}" if self.kind == "role" else self.name
+        text = re.sub(r"[#;]", lambda match: f"#{ord(match.group())};", text)
         if self.count > 1:
             text += f" ×{self.count}"
         if self.data:
@@ -265,14 +286,17 @@ def arrows(messages: Iterable[Message]) -> list[Arrow]:
     """The diagram's arrows, in the order of the trace (its :func:`in_view`).
 
     An exchange (request and answer) equal to the one before it on the same
-    connection joins that one's arrows, which count it; a new arrow on the main
-    connection ends every other connection's run (so the phases stay apart),
-    and an answer that differs (an Error among Oks) gets its own arrow.
+    connection joins that one's arrows, which count it; every message of the
+    main connection ends the other connections' runs (so no run is drawn
+    across a step of the main connection: the phases stay apart), and an
+    answer that differs (an Error among Oks) gets its own arrow.
     """
     result: list[Arrow] = []
     runs: dict[str, _Run] = {}
     for message in in_view(messages):
         sender, connection = sender_of(message), message.connection
+        if connection == p.MAIN_CONNECTION:  # every step of the main connection ends the other runs
+            runs = {name: run for name, run in runs.items() if name == p.MAIN_CONNECTION}
         run = runs.get(connection)
         if message.kind == "request":
             if run is not None and run.answered and run.request.name == message.name and run.request.sender == sender:
@@ -282,8 +306,6 @@ def arrows(messages: Iterable[Message]) -> list[Arrow]:
                 continue
             arrow = Arrow(sender, connection, "request", message.name, data=message.data)
             result.append(arrow)
-            if connection == p.MAIN_CONNECTION:
-                runs.clear()
             runs[connection] = _Run(arrow)
         elif message.kind == "response":
             if run is not None and not run.answered:
@@ -352,13 +374,15 @@ PHASES: dict[str, Phase] = {
     "Start": Phase("Handshake", "the source opens the main connection and says which protocol version it speaks"),
     "MemoryFd": Phase("Memory by file descriptor",
                       "each RAM slot's memfd crosses the UNIX socket: both ends will map the same pages"),
-    "Config": Phase("Configuration", "the destination builds an empty VM of the same shape"),
+    "Config": Phase("Configuration", "the receiver builds an empty VM of the same shape (an offload daemon keeps "
+                                     "the configuration to write it out)"),
     "PrecopyMemory": Phase("Memory connections",
                            "more connections announce themselves and carry the memory, the main one only control"),
     "Memory": Phase("Memory", "guest RAM crosses while the VM keeps running on the source (precopy): everything "
                               "once, then what the guest dirtied meanwhile, then the rest while it is paused"),
     "Fault": Phase("Fault connections", "the source opens them; the destination will ask for pages on them"),
-    "State": Phase("State", "the VM is paused on the source; its vCPUs' and devices' state crosses"),
+    "State": Phase("State", "the VM's vCPUs' and devices' state crosses (a VMM paused the VM for it; an offload "
+                            "daemon sends what it read from the snapshot)"),
     "Complete": Phase("Hand-over", "Complete: from its Ok on, the VM belongs to the receiver"),
     "CompletePaused": Phase("Hand-over", "CompletePaused: from its Ok on, the (paused) VM belongs to the "
                                          "receiver"),
@@ -437,6 +461,8 @@ class Narrator:
         self.commands: list[tuple[str, str]] = []
         #: What was explained once already (a command's purpose, an Ok's meaning, a role): not told again.
         self._explained: set[str] = set()
+        #: Fault connections seen: after Complete, pages still come over them.
+        self._fault_connections = False
         #: Set once the story is over: notes that still come (the ends shutting down) are not told.
         self.closed = False
 
@@ -459,6 +485,7 @@ class Narrator:
             self._explain(text)
 
     def _explain(self, text: str) -> None:
+        text = _printable(text)
         for line in textwrap.wrap(text, TEXT_WIDTH - 9, break_long_words=False, break_on_hyphens=False):
             self._emit(f"         {line}")
 
@@ -529,8 +556,9 @@ class Narrator:
         if message.kind == "response":
             command, counted = self._open.pop(connection, ("", False))
             if counted and message.name == "Ok":
-                repeats = self._repeats[(connection, command)]
-                repeats.answers[message.name] = repeats.answers.get(message.name, 0) + 1
+                repeats = self._repeats.get((connection, command))
+                if repeats is not None:  # (None: its request was counted before a new phase told the count)
+                    repeats.answers[message.name] = repeats.answers.get(message.name, 0) + 1
                 return
             self._line(message, sender)
             self._explain_response(message, command)
@@ -556,9 +584,10 @@ class Narrator:
         self._repeats.clear()
 
     def _line(self, message: Message, sender: str) -> None:
-        elapsed = message.time - (self.origin or message.time)
+        elapsed = message.time - (self.origin if self.origin is not None else message.time)
         arrow = "source → destination" if sender == p.Side.SOURCE.value else "source ← destination"
-        self._emit(f"{elapsed:+8.3f}s {arrow}  {message.connection:<10} {self.style.bold(f'{message.name:<14}')} "
+        name = _printable(message.name)
+        self._emit(f"{elapsed:+8.3f}s {arrow}  {message.connection:<10} {self.style.bold(f'{name:<14}')} "
                    f"{self.style.dim(header_fields(message.header))}")
         if message.summary:
             self._explain(message.summary)
@@ -574,9 +603,9 @@ class Narrator:
             return purpose, ""
         try:
             target = p.next_receiver_state(self.state, command)
-        except Exception as exc:  # a ProtocolError: the table does not allow it here
+        except ProtocolError as exc:  # the table does not allow it here
             self._pending_state = p.ReceiverState.ABORTED
-            return purpose, f"Not allowed in {self.state.value}: {exc}."
+            return purpose, f"Not allowed: {exc.message}; the receiver answers Error and aborts."
         self._pending_state = target
         if target is self.state:
             return purpose, f"The receiver stays {target.value}."
@@ -593,7 +622,10 @@ class Narrator:
         if message.connection == p.MAIN_CONNECTION:
             if self._pending_state is not None:
                 self.state, self._pending_state = self._pending_state, None
-            if self.state in p.FINAL_STATES:
+            if self.state is p.ReceiverState.COMPLETED and self._fault_connections:
+                self._explain(f"Ok: the receiver is {self.state.value}: the VM runs there now, and asks for the "
+                              "pages it still lacks on the Fault connections until it has them all.")
+            elif self.state in p.FINAL_STATES:
                 self._explain(f"Ok: the receiver is {self.state.value}; the migration is over.")
             else:
                 accepted = _either([c.wire_name for c in p.accepted_next(self.state)])
@@ -610,6 +642,8 @@ class Narrator:
             self._explain_once(f"ok {command.wire_name}", f"Ok: {p.OK_MEANS[command]}.")
 
     def _explain_role(self, message: Message) -> None:
+        if message.name == p.ConnectionRole.FAULT.wire_name:
+            self._fault_connections = True
         try:
             role = p.ConnectionRole[_constant(message.name)]
             rule = p.CONNECTION_RULES[role]
@@ -622,6 +656,11 @@ class Narrator:
             return
         self._explain_once(f"role {rule.role.wire_name}", f"A new connection announces its role, {rule.role.wire_name} ({rule.role.value}): "
                       f"{rule.purpose}. It may carry only {allowed}, sent by the {rule.requester.value}.")
+
+
+def _printable(text: str) -> str:
+    """``text`` with control characters shown as ``\\xNN``, never sent to the terminal as they are."""
+    return _CONTROL.sub(lambda match: f"\\x{ord(match.group()):02x}", text)
 
 
 def _either(names: list[str]) -> str:
@@ -661,7 +700,8 @@ def main_trace(args: argparse.Namespace) -> int:
         raise UsageError("the trace holds no messages", where=", ".join(args.files))
     narrator = Narrator(lambda line: print(line), style=Style.for_stream(sys.stdout))
     view = view_of(messages)
-    print(f"{len(messages)} messages, told as the {view} saw them")
+    told = sum(1 for m in messages if m.side == view)
+    print(f"{len(messages)} messages in {len(args.files)} file(s), told as the {view} saw them ({told} of them)")
     narrator.tell_all(messages)
     if args.mermaid:
         write_mermaid(args.mermaid, messages)

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator, Mapping
 
 from . import protocol as p
 from .channel import MessageLog, Observers
-from .errors import MigrationError, UsageError
+from .errors import ChmigError, MigrationError, UsageError
 from .events import EventMonitor
 from .trace import Narrator, Phase, Style, TraceWriter, write_mermaid
 
@@ -133,10 +133,16 @@ class Walk:
         self.stepper = Stepper(args.step, self.say)
         stack.callback(self.stepper.close)
         self.limits = STEP_LIMITS if args.step else p.DEFAULT_LIMITS
-        self.narrator = Narrator(self.say, style=self.style, on_phase=self._phase)
+        self.narrator = Narrator(lambda line: print(line, flush=True), style=self.style, on_phase=self._phase)
         #: Every message of both ends: the diagram is drawn from it (as the source saw them).
         self.log = MessageLog()
         self.observers = Observers(self.narrator, self.log)
+        if args.mermaid:  # a file that cannot be written is an error now, not after the migration
+            try:
+                with open(args.mermaid, "a"):
+                    pass
+            except OSError as exc:
+                raise UsageError(f"cannot write {args.mermaid}: {exc.strerror}", where="--mermaid") from None
         if args.trace:
             writer = TraceWriter(args.trace)
             stack.callback(writer.close)
@@ -146,7 +152,8 @@ class Walk:
     # -- output ------------------------------------------------------------------------------------
 
     def say(self, text: str = "") -> None:
-        print(text, flush=True)
+        """A line of the walkthrough's own, under the narrator's lock (migration threads tell messages meanwhile)."""
+        self.narrator.say(text)
 
     def heading(self, text: str) -> None:
         self.narrator.finish()  # what was only counted is told before anything else
@@ -461,8 +468,11 @@ FLOWS: dict[str, Flow] = {
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    landed = [name for name, flow in FLOWS.items() if flow.run is not None]
+    coming = [name for name, flow in FLOWS.items() if flow.run is None]
     parser.add_argument("flow", choices=list(FLOWS), metavar="FLOW",
-                        help="|".join(FLOWS) + ": which migration to run and narrate")
+                        help="|".join(landed) + ": which migration to run and narrate"
+                             + (f" ({', '.join(coming)}: not landed yet)" if coming else ""))
     parser.add_argument("--mermaid", metavar="FILE", help="write a Mermaid sequence diagram of what happened")
     parser.add_argument("--step", action="store_true",
                         help="wait for Enter before each phase (for a class; the protocol's timeouts are "
@@ -505,8 +515,11 @@ def main_walkthrough(args: argparse.Namespace) -> int:
                  "what it carried, and what it is for.")
         try:
             ok = flow.run(walk)
-        finally:
-            walk.finish(args.mermaid)
+        except BaseException:
+            with contextlib.suppress(ChmigError):  # the migration's error is the one to report
+                walk.finish(args.mermaid)
+            raise
+        walk.finish(args.mermaid)
         return 0 if ok else 1
 
 

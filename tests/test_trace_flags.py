@@ -94,7 +94,7 @@ def test_precopy_traced_by_receive_and_remote_send(procs: Processes, tmp_path: P
     # The bytes of guest memory the Memory requests moved: all of it (at least), the same on both ends.
     moved = [sum(r["data"] for r in records if r["kind"] == "request" and r["name"] == "Memory")
              for records in (src_records, dst_records)]
-    assert moved[0] == moved[1] >= 32 << 20, moved
+    assert moved[0] == moved[1] >= 30 << 20, moved  # iteration 0 moves every populated page of 32 MiB
 
     shown = chmig("trace", "show", str(src), "--mermaid", str(tmp_path / "out.mmd"))
     assert shown.returncode == 0, shown.stderr

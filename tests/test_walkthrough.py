@@ -77,15 +77,18 @@ def check_diagram_against_trace(diagram: str, trace: list[Message]) -> None:
     assert len(participants) == len(set(participants)), participants
     assert set(participants) == {(side, c) for side in ("source", "destination") for c in connections}
     consumed = [False] * len(told)
+    main_steps = [i for i, m in enumerate(told) if m.connection == "main"]
     last_first = -1
     for sender, receiver, connection, name, count in _drawn_arrows(diagram):
         assert receiver != sender
         matching = [i for i, m in enumerate(told) if not consumed[i] and m.connection == connection
                     and m.name == name and (m.side if m.direction == SENT else _other(m.side)) == sender]
         assert len(matching) >= count, (sender, connection, name, count)
-        first = matching[0]
+        first, last = matching[0], matching[count - 1]
         assert first > last_first, f"arrow {name} on {connection} is drawn out of the trace's order"
         last_first = first
+        if connection != "main":  # a run of repeats never spans a step of the main connection
+            assert not any(first < step < last for step in main_steps), f"{name} ×{count} on {connection}"
         for i in matching[:count]:
             consumed[i] = True
     assert all(consumed), [told[i].name for i, done in enumerate(consumed) if not done]
@@ -214,7 +217,7 @@ def test_narrator_tells_an_error_answer_and_the_abort() -> None:
     narrator = Narrator(lines.append)
     narrator.tell_all(messages)
     text = "\n".join(lines)
-    assert "Not allowed in Started" in text and "State was refused: the migration is Aborted." in text
+    assert "Not allowed: can't handle command State in receive state Started" in text and "State was refused: the migration is Aborted." in text
     assert narrator.state is p.ReceiverState.ABORTED
 
 
@@ -259,7 +262,7 @@ def test_style_is_plain_off_a_terminal(tmp_path: Path) -> None:
     ('{"time": 1, "side": "source", "connection": "main", "direction": "sent", "kind": "request", "name": "Start",'
      ' "length": 0, "summary": "", "header": "01zz"}', "not hexadecimal"),
     ('{"time": 1, "side": "source", "connection": "main", "direction": "sent", "kind": "request", "name": "Start",'
-     ' "length": -1, "summary": "", "header": "0100"}', "negative"),
+     ' "length": -1, "summary": "", "header": "0100"}', "0..2**64-1"),
     ('[1, 2]', "not a JSON object"),
     ("x" * 70000, "longer than"),
 ])
@@ -279,3 +282,36 @@ def test_trace_show_refuses_a_missing_or_empty_file_in_one_line(tmp_path: Path) 
     for name in ("missing.jsonl", "empty.jsonl"):
         run = chmig("trace", "show", str(tmp_path / name))
         assert run.returncode == 2 and run.stderr.count("\n") == 1, run.stderr
+
+
+def test_a_counted_request_answered_after_a_new_phase_is_no_error() -> None:
+    """A PageFault counted before Complete and answered after it (the count was told at the new phase)."""
+    messages = _exchange(0.0, "main", "Start") + _exchange(0.01, "main", "Config") + _exchange(0.02, "main", "State")
+    for i in range(4):
+        messages.append(_message(0.03 + i * 0.01, "source", "fault-0", RECEIVED, "request", "PageFault", 4096))
+        messages.append(_message(0.035 + i * 0.01, "source", "fault-0", SENT, "response", "Ok", 4096))
+    messages.append(_message(0.1, "source", "fault-0", RECEIVED, "request", "PageFault", 4096))
+    messages += _exchange(0.11, "main", "Complete")
+    messages.append(_message(0.2, "source", "fault-0", SENT, "response", "Ok", 4096))
+    lines: list[str] = []
+    Narrator(lines.append).tell_all(messages)
+    assert "         … fault-0: 2 more PageFault requests, 8 KiB; answered Ok ×1" in lines
+    drawn = [(a.connection, a.name, a.count) for a in arrows(messages)]
+    # The fault run ends at Complete: its last answer is drawn after it.
+    assert drawn[-3:] == [("main", "Complete", 1), ("main", "Ok", 1), ("fault-0", "Ok", 1)], drawn
+
+
+def test_hostile_trace_text_reaches_neither_the_terminal_nor_the_diagram(tmp_path: Path) -> None:
+    record = ('{"time": 1, "side": "source", "connection": "main", "direction": "sent", "kind": "request", '
+              '"name": "Start;#x", "length": 0, "summary": "\\u001b[2J boom", "header": "01000000000000000000000000000000"}')
+    path = tmp_path / "t.jsonl"
+    path.write_text(record + "\n")
+    shown = chmig("trace", "show", str(path), "--mermaid", str(tmp_path / "t.mmd"))
+    assert shown.returncode == 0 and "\x1b" not in shown.stdout and "\\x1b[2J boom" in shown.stdout
+    assert "Start#59;#35;x" in (tmp_path / "t.mmd").read_text()
+    for bad in ('"connection": "a b;c"', '"time": 1' + "0" * 400, '"data": 1' + "0" * 30):
+        path.write_text(record.replace('"connection": "main"', bad if "connection" in bad else '"connection": "main"')
+                        .replace('"time": 1', bad if "time" in bad else '"time": 1')
+                        .replace('"length": 0', '"length": 0, ' + bad if "data" in bad else '"length": 0') + "\n")
+        run = chmig("trace", "show", str(path))
+        assert run.returncode == 2 and run.stderr.count("\n") == 1 and "Traceback" not in run.stderr, run.stderr
