@@ -332,22 +332,32 @@ def wait_guest(vmm: Any, rounds: int, timeout: float = WAIT_S) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 
-def _precopy(walk: Walk) -> bool:
-    walk.heading("Setting up: two VMMs in this process, joined by loopback TCP")
-    source = walk.boot()
-    walk.say(f"   source: a VM with 1 vCPU and {walk.memory} of RAM; its guest checks all of its memory each "
-             "round and rewrites a tenth of its pages")
+def _between_vmms(walk: Walk, joined_by: str, listen: str, options: dict[str, Any], *, shared: bool = False,
+                  memory_mode: str = "precopy") -> tuple[Any, Any, dict, int]:
+    """Two VMMs of this process, a VM on the first; send it to the second with ``options`` (send-migration's,
+    as the API takes them).  Returns both VMMs, the send's statistics and the guest's rounds when it began."""
+    walk.heading(f"Setting up: two VMMs in this process, joined by {joined_by}")
+    source = walk.boot(shared=shared)
+    walk.say(f"   source: a VM with 1 vCPU and {walk.memory} of {'shared RAM (a memfd)' if shared else 'RAM'}; its "
+             "guest checks all of its memory each round and rewrites a tenth of its pages")
     destination = walk.vmm("destination")
-    receiving, url = walk.receive(destination, "tcp:127.0.0.1:0")
-    walk.say(f"   destination: an empty VMM listening on {url}")
+    receiving, url = walk.receive(destination, listen, memory_mode)
+    walk.say(f"   destination: an empty VMM listening on {url}"
+             + (", memory_mode=postcopy (userfaultfd on its RAM)" if memory_mode == "postcopy" else ""))
     walk.step("send the migration")
     rounds = guest(source)["rounds"]
-    walk.say(f"   send-migration destination_url={url},connections=2")
-    stats = source.send_migration({"destination_url": url, "connections": 2})
+    shown = "".join(f",{key}={'on' if value is True else str(value).lower()}" for key, value in options.items())
+    walk.say(f"   send-migration destination_url={url}{shown}")
+    stats = source.send_migration({"destination_url": url, **options})
     receiving.result()
-    walk.statistics()
+    return source, destination, stats, rounds
+
+
+def _precopy(walk: Walk) -> bool:
     from .demo import iteration_table
 
+    source, destination, stats, rounds = _between_vmms(walk, "loopback TCP", "tcp:127.0.0.1:0", {"connections": 2})
+    walk.statistics()
     for line in iteration_table(stats["iterations"]):
         walk.say(line)
     walk.say(f"   {source.migration.summary()}")
@@ -356,17 +366,8 @@ def _precopy(walk: Walk) -> bool:
 
 
 def _local(walk: Walk) -> bool:
-    walk.heading("Setting up: two VMMs in this process, joined by a UNIX socket")
-    source = walk.boot(shared=True)
-    walk.say(f"   source: a VM with 1 vCPU and {walk.memory} of shared RAM (a memfd), its guest checking itself")
-    destination = walk.vmm("destination")
-    receiving, url = walk.receive(destination, f"unix:{walk.tmp / 'migrate.sock'}")
-    walk.say(f"   destination: an empty VMM listening on {url}")
-    walk.step("send the migration")
-    rounds = guest(source)["rounds"]
-    walk.say(f"   send-migration destination_url={url},local=on")
-    source.send_migration({"destination_url": url, "local": True})
-    receiving.result()
+    source, destination, _, rounds = _between_vmms(walk, "a UNIX socket", f"unix:{walk.tmp / 'migrate.sock'}",
+                                                   {"local": True}, shared=True)
     walk.statistics()
     walk.say(f"   {source.migration.summary()}")
     walk.say(f"   {destination.migration.summary()}")
@@ -374,17 +375,8 @@ def _local(walk: Walk) -> bool:
 
 
 def _postcopy(walk: Walk) -> bool:
-    walk.heading("Setting up: two VMMs in this process, joined by loopback TCP")
-    source = walk.boot()
-    walk.say(f"   source: a VM with 1 vCPU and {walk.memory} of RAM, its guest checking itself")
-    destination = walk.vmm("destination")
-    receiving, url = walk.receive(destination, "tcp:127.0.0.1:0", memory_mode="postcopy")
-    walk.say(f"   destination: an empty VMM listening on {url}, memory_mode=postcopy (userfaultfd on its RAM)")
-    walk.step("send the migration")
-    rounds = guest(source)["rounds"]
-    walk.say(f"   send-migration destination_url={url},memory_mode=postcopy")
-    source.send_migration({"destination_url": url, "memory_mode": "Postcopy"})
-    receiving.result()
+    source, destination, _, rounds = _between_vmms(walk, "loopback TCP", "tcp:127.0.0.1:0",
+                                                   {"memory_mode": "Postcopy"}, memory_mode="postcopy")
     pager = destination.postcopy
     if pager is not None and not pager.done.wait(WAIT_S):
         raise MigrationError("postcopy did not bring every page in", where="walkthrough")
