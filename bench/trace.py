@@ -13,6 +13,7 @@ default (1 MiB ranges).  Median of 3 runs (1 with --quick) after one untimed war
 
 from __future__ import annotations
 
+import logging
 import os
 import statistics
 import sys
@@ -79,6 +80,8 @@ def migrate(prefetch: str, trace_dir: Path | None) -> dict:
 
 
 def main() -> None:
+    # A failed migration's reasons are logged (WARNING and up): with thread and time, they say where.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(threadName)s %(name)s: %(message)s")
     migrate("1M", None)  # warm-up: first touches of memory on this machine cost more (machine-facts)
     rows: list[list[object]] = []
     for prefetch in ("page", "1M"):
