@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-BENCHMARKS = ("vm.py", "precopy.py", "postcopy.py", "restore.py", "refusals.py", "progress.py", "trace.py")
+BENCHMARKS = ("vm.py", "precopy.py", "postcopy.py", "hybrid.py", "restore.py", "refusals.py", "progress.py", "trace.py")
 
 
 def main() -> int:

@@ -15,6 +15,8 @@ PUT     /api/v1/vm.send-migration     ``VmSendMigrationData``; answered when the
                                       statistics (Cloud Hypervisor answers at once; chmig's send blocks)
 PUT     /api/v1/vm.receive-migration  ``VmReceiveMigrationData`` (receiver_url, tls_dir, memory_mode, ...)
 PUT     /api/v1/vm.cancel-migration   stop the migration in progress (its own request then fails); chmig's own
+PUT     /api/v1/vm.migration-start-postcopy  a ``memory_mode=hybrid`` send switches to postcopy now (after QEMU's
+                                      ``migrate-start-postcopy``); chmig's own
 PUT     /api/v1/vm.snapshot           ``VmSnapshotConfig`` (destination_url ``file:///DIR``); the VM must be paused
 PUT     /api/v1/vm.restore            ``RestoreConfig`` (source_url ``file:///DIR``, memory_restore_mode, resume,
                                       prefault); on a VMM with no VM
@@ -229,6 +231,7 @@ ROUTE_FAILURES = {
     "vm.send-migration": "Error sending migration",
     "vm.receive-migration": "Error receiving migration",
     "vm.cancel-migration": "The migration could not be cancelled",
+    "vm.migration-start-postcopy": "The migration could not switch to postcopy",
 }
 #: Routes whose request carries a JSON body.  The others refuse one, as Cloud Hypervisor's
 #: ``vm_action_put_handler`` does (400), and those refuse a missing one.
@@ -540,6 +543,7 @@ class ApiServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
             ("PUT", "vm.send-migration"): lambda body: _send_migration(vmm, body),
             ("PUT", "vm.receive-migration"): lambda body: _receive_migration(vmm, body),
             ("PUT", "vm.cancel-migration"): lambda body: vmm.cancel_migration(),
+            ("PUT", "vm.migration-start-postcopy"): lambda body: vmm.start_postcopy(),
             ("PUT", "vm.snapshot"): lambda body: _snapshot(vmm, body),
             ("PUT", "vm.restore"): lambda body: _restore(vmm, body),
         }

@@ -112,7 +112,9 @@ SEND_MIGRATION_SYNTAX = (
     'VM send migration parameters "destination_url=<url>[,local=on|off,preserve_source=on|off,'
     "downtime_ms=<milliseconds>,timeout_s=<seconds>,timeout_strategy=cancel|ignore,connections=<amount>,"
     'tls_dir=<path>,memory_mode=precopy|postcopy]"'
-    ' (chmig extension: "[,fault_connections=<amount>]", 1-16 Fault connections with memory_mode=postcopy)'
+    ' (chmig extensions: "[,fault_connections=<amount>]", 1-16 Fault connections with memory_mode=postcopy or'
+    ' hybrid; "memory_mode=hybrid[,postcopy_after_s=<seconds>]", precopy that switches to postcopy when it does not'
+    " converge by timeout_s or postcopy_after_s, or when asked: migration-start-postcopy)"
 )
 #: ``VmReceiveMigrationData::SYNTAX``, then chmig's extension key and the keys it refuses.  The bare
 #: ``<receiver_url>`` form is in CH's text but refused by CH's parser, and so by chmig's.
@@ -180,6 +182,7 @@ SEND_MIGRATION_FIELDS: dict[str, type] = {
     "tls_dir": str,
     "memory_mode": str,
     "fault_connections": int,
+    "postcopy_after_s": int,
     "trace": str,
 }
 #: ``VmReceiveMigrationData`` as JSON, in CH's declaration order, plus chmig's ``prefetch`` and ``trace``.
@@ -332,6 +335,9 @@ _CANCEL, _IGNORE = "cancel", "ignore"
 _PRECOPY, _POSTCOPY = "precopy", "postcopy"
 _TIMEOUT_VARIANTS = ("Cancel", "Ignore")
 _MODE_VARIANTS = ("Precopy", "Postcopy")
+#: chmig's own memory mode, for a send only: precopy that may switch to postcopy (protocol version 1).
+_HYBRID = "hybrid"
+_SEND_MODE_VARIANTS = (*_MODE_VARIANTS, "Hybrid")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -360,6 +366,9 @@ class SendOptions:
     #: Postcopy (a chmig extension): Fault connections to open; the destination keeps the first for urgent
     #: faults and pulls over the others.  A Cloud Hypervisor destination uses one and closes the rest.
     fault_connections: int = p.DEFAULT_FAULT_CONNECTIONS
+    #: ``memory_mode=hybrid`` (a chmig extension): switch to postcopy once precopy has run this long without
+    #: converging (None: only at ``timeout_s``, or when an operator asks).
+    postcopy_after_s: int | None = None
     #: chmig's extension (JSON only, from ``chmig remote send-migration --trace FILE``): the absolute path the
     #: VMM writes every message of this migration to.  None: no trace.
     trace: str | None = None
@@ -371,7 +380,7 @@ class SendOptions:
         """``VmSendMigrationData::parse``: CH's option string (see :data:`SEND_MIGRATION_SYNTAX`), validated."""
         parser = OptionParser(what).add_all(
             ("destination_url", "local", "preserve_source", "downtime_ms", "timeout_s", "timeout_strategy",
-             "connections", "tls_dir", "memory_mode", "fault_connections"))
+             "connections", "tls_dir", "memory_mode", "fault_connections", "postcopy_after_s"))
         parser.parse(text)
         destination_url = parser.get("destination_url")
         if destination_url is None:
@@ -392,12 +401,18 @@ class SendOptions:
             raise OptionError("invalid value: connections must be non-zero", where=what, key="connections")
         options.connections = connections or 1
         options.tls_dir = parser.string("tls_dir")
-        options.memory_mode = _from_str(parser.get("memory_mode"), "memory_mode", (_PRECOPY, _POSTCOPY),
+        options.memory_mode = _from_str(parser.get("memory_mode"), "memory_mode", (_PRECOPY, _POSTCOPY, _HYBRID),
                                         what) or _PRECOPY
+        given = set()
         faults = parser.integer("fault_connections")
         if faults is not None:
             options.fault_connections = faults
-            options.extensions_given = frozenset({"fault_connections"})
+            given.add("fault_connections")
+        after = parser.integer("postcopy_after_s")
+        if after is not None:
+            options.postcopy_after_s = after
+            given.add("postcopy_after_s")
+        options.extensions_given = frozenset(given)
         options.validate(what)
         return options
 
@@ -413,16 +428,16 @@ class SendOptions:
             raise JsonBodyError(f"field 'connections' is out of range (1..{U32_MAX})", where=where)
         options = cls(body["destination_url"])
         for name in ("local", "preserve_source", "downtime_ms", "timeout_s", "connections", "tls_dir",
-                     "fault_connections", "trace"):
+                     "fault_connections", "postcopy_after_s", "trace"):
             if body.get(name) is not None:
                 setattr(options, name, body[name])
         if "timeout_strategy" in body:
             options.timeout_strategy = enum_variant(body["timeout_strategy"], "timeout_strategy",
                                                     _TIMEOUT_VARIANTS, where)
         if "memory_mode" in body:
-            options.memory_mode = enum_variant(body["memory_mode"], "memory_mode", _MODE_VARIANTS, where)
-        if "fault_connections" in body:
-            options.extensions_given = frozenset({"fault_connections"})
+            options.memory_mode = enum_variant(body["memory_mode"], "memory_mode", _SEND_MODE_VARIANTS, where)
+        options.extensions_given = frozenset(name for name in ("fault_connections", "postcopy_after_s")
+                                             if name in body)
         options.validate(where)
         return options
 
@@ -443,8 +458,9 @@ class SendOptions:
                              where=where)
         if self.timeout_strategy not in (_CANCEL, _IGNORE):
             raise UsageError(f"timeout_strategy must be cancel or ignore, got {self.timeout_strategy!r}", where=where)
-        if self.memory_mode not in (_PRECOPY, _POSTCOPY):
-            raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}", where=where)
+        if self.memory_mode not in (_PRECOPY, _POSTCOPY, _HYBRID):
+            raise UsageError(f"memory_mode must be precopy, postcopy or hybrid, got {self.memory_mode!r}",
+                             where=where)
         if self.local:
             if url.scheme != "unix":
                 raise UsageError("local option is only supported with UNIX sockets.", where=where)
@@ -460,11 +476,19 @@ class SendOptions:
             if self.connections > 1:
                 raise UsageError("memory_mode=postcopy currently requires a single connection (connections=1); "
                                  "chmig: fault_connections=N opens more Fault connections", where=where)
+        if self.memory_mode == _HYBRID and self.local:
+            raise UsageError("memory_mode=hybrid and local options are mutually exclusive.", where=where)
         most_faults = p.DEFAULT_LIMITS.max_fault_connections
         if not 1 <= self.fault_connections <= most_faults:
             raise UsageError(f"fault_connections must be 1..{most_faults}, got {self.fault_connections}", where=where)
-        if "fault_connections" in self.extensions_given and self.memory_mode != _POSTCOPY:
-            raise UsageError("fault_connections (a chmig extension) is only for memory_mode=postcopy", where=where)
+        if "fault_connections" in self.extensions_given and self.memory_mode not in (_POSTCOPY, _HYBRID):
+            raise UsageError("fault_connections (a chmig extension) is only for memory_mode=postcopy or hybrid",
+                             where=where)
+        if self.postcopy_after_s is not None:
+            if self.memory_mode != _HYBRID:
+                raise UsageError("postcopy_after_s (a chmig extension) is only for memory_mode=hybrid", where=where)
+            if self.postcopy_after_s <= 0:
+                raise UsageError("postcopy_after_s must be non-zero", where=where)
         _check_trace(self.trace, where)
 
     def to_api(self) -> dict[str, Any]:
@@ -483,6 +507,8 @@ class SendOptions:
         }
         if "fault_connections" in self.extensions_given:
             body["fault_connections"] = self.fault_connections
+        if self.postcopy_after_s is not None:
+            body["postcopy_after_s"] = self.postcopy_after_s
         if self.trace is not None:
             body["trace"] = self.trace
         return body

@@ -71,8 +71,8 @@ class Message:
     summary: str
     #: The header as it was on the wire: 16 bytes (2 for a role).
     header: bytes
-    #: Bytes of guest memory the message moves or asks for: a Memory request's ranges (the data after its
-    #: table), a PageFault's range, the bytes that follow a PageFault's Ok inline; else 0.
+    #: Bytes of guest memory the message moves, asks for or drops: a Memory request's ranges (the data after
+    #: its table), a PageFault's range, the bytes that follow a PageFault's Ok inline, a Discard's ranges; else 0.
     data: int = 0
 
     def to_json(self) -> dict:
@@ -173,13 +173,14 @@ def _request_summary(request: p.Request, payload: bytes = b"", table: p.MemoryRa
     command = request.command
     if command is p.Command.START:
         return f"protocol version {request.sender_version}"
-    if command is p.Command.MEMORY and table is not None:
+    if command in (p.Command.MEMORY, p.Command.DISCARD) and table is not None:
         if not table:
             return "empty table"
         first = table.ranges[0]
         more = f" … {len(table) - 1} more" if len(table) > 1 else ""
         total = table.total_bytes if total is None else total
-        return f"{len(table)} ranges, {total} bytes follow: {first.gpa:#x}+{first.length:#x}{more}"
+        what = "follow" if command is p.Command.MEMORY else "to drop"
+        return f"{len(table)} ranges, {total} bytes {what}: {first.gpa:#x}+{first.length:#x}{more}"
     if command is p.Command.MEMORY_FD:
         return f"slot {slot}, fd {fd}"
     if command is p.Command.PAGE_FAULT and page is not None:
@@ -300,6 +301,16 @@ class Channel:
         self.expect_ok(p.Command.MEMORY)
         return table.total_bytes
 
+    def send_discard(self, table: p.MemoryRangeTable) -> None:
+        """Protocol step *Discard* (version 1, sender): the table of stale pages; wait for Ok."""
+        request = p.Request.discard(table.byte_length)
+        header = request.encode()
+        total = table.total_bytes
+        self._emit(SENT, "request", "Discard", request.length, _request_summary(request, table=table, total=total),
+                   header, total)
+        self.conn.write_all(header + table.encode())
+        self.expect_ok(p.Command.DISCARD)
+
     def send_memory_fd(self, slot: int, fd: int) -> None:
         """Protocol step *MemoryFd* (local migration): the slot number with its memfd as SCM_RIGHTS; wait for Ok."""
         request = p.Request.memory_fd()
@@ -414,7 +425,7 @@ class Channel:
 
     def _read_payload_of(self, request: p.Request) -> IncomingRequest:
         command, length = request.command, request.length
-        if command is p.Command.MEMORY:
+        if command in (p.Command.MEMORY, p.Command.DISCARD):
             raw = bytearray(length)  # kept as the table's storage: no second copy
             self.conn.read_exact_into(raw, what="memory range table")
             table = p.MemoryRangeTable.decode(raw)

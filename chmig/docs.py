@@ -32,6 +32,7 @@ FLOW_EXCERPTS: dict[str, str] = {
     "precopy": "Memory connections",
     "local": "Memory by file descriptor",
     "postcopy": "Pages on demand",
+    "hybrid": "The switch to postcopy",
     "offload-snapshot": "Memory by file descriptor",
     "offload-restore": "Pages on demand",
 }

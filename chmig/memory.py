@@ -51,6 +51,11 @@ MAX_GUEST_PHYS = 64 * GiB
 _libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
 _libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
 MADV_POPULATE_WRITE = 23
+#: Free the pages of a private mapping: they read as never touched (a userfaultfd MISSING fault on access).
+MADV_DONTNEED = 4
+#: Free the pages *and their backing store* of a shared mapping (a hole in the memfd): plain DONTNEED would only
+#: unmap them, and the next access would find the old page in the page cache.
+MADV_REMOVE = 9
 
 
 @dataclass(frozen=True)
@@ -477,6 +482,16 @@ class GuestMemory:
         start = address & ~(PAGE_SIZE - 1)
         if _libc.madvise(start, address + length - start, MADV_POPULATE_WRITE) != 0:
             log.debug("MADV_POPULATE_WRITE failed at gpa %#x: %s", gpa, os.strerror(ctypes.get_errno()))
+
+    def discard(self, rng: MemoryRange) -> None:
+        """Drop the pages of ``rng`` (page aligned, inside guest RAM): afterwards they are missing, as if never
+        written — a hybrid migration's stale copies, to be fetched again by postcopy."""
+        for gpa, length in self.split(rng):
+            region = self.region_of(gpa, length)
+            advice = MADV_REMOVE if region.zone.config.shared else MADV_DONTNEED
+            if _libc.madvise(region.host_address + gpa - region.gpa, length, advice) != 0:
+                error = ctypes.get_errno()
+                raise VmError(f"cannot drop the pages at {gpa:#x}+{length:#x}: {os.strerror(error)}", where="Discard")
 
     def close(self) -> None:
         """Unmap every zone (or each of its slots) and close their fds (idempotent)."""

@@ -195,6 +195,16 @@ class PresentPages:
             self._present += new
         return new
 
+    def unmark(self, gpa: int, length: int) -> int:
+        """Record ``[gpa, gpa+length)`` as missing again (a hybrid migration's discarded pages); return how many
+        of its pages were present."""
+        start, stop = self._index(gpa, length)
+        with self._lock:
+            gone = (stop - start) - self._bits.count(0, start, stop)
+            self._bits[start:stop] = bytes(stop - start)
+            self._present -= gone
+        return gone
+
     def next_missing(self, cursor: int, max_pages: int) -> tuple[p.MemoryRange, int] | None:
         """The first run of missing pages at or after page ``cursor`` (at most ``max_pages``, one slot).
 

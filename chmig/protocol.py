@@ -74,9 +74,13 @@ from .units import GiB, KiB, MiB, PAGE_SIZE  # noqa: F401 - re-exported: the pro
 
 #: The protocol version chmig speaks (Cloud Hypervisor's ``CURRENT_PROTOCOL_VERSION``).
 PROTOCOL_VERSION = 0
+#: The newest version chmig speaks: version 0 plus what a migration beyond Cloud Hypervisor's needs
+#: (:data:`COMMAND_SINCE_VERSION`).  A chmig sender says version 0 unless its migration needs one of them, so
+#: every flow Cloud Hypervisor has stays byte for byte Cloud Hypervisor's.
+NEWEST_PROTOCOL_VERSION = 1
 
-#: A receiver accepts the current version and the one before it (saturating at 0).
-SUPPORTED_VERSIONS = range(max(PROTOCOL_VERSION - 1, 0), PROTOCOL_VERSION + 1)
+#: A receiver accepts the newest version and the one before it (saturating at 0), as Cloud Hypervisor's does.
+SUPPORTED_VERSIONS = range(max(NEWEST_PROTOCOL_VERSION - 1, 0), NEWEST_PROTOCOL_VERSION + 1)
 
 HEADER_SIZE = 16
 MEMORY_RANGE_SIZE = 16
@@ -166,6 +170,8 @@ class Command(enum.IntEnum):
     COMPLETE_PAUSED = 8
     #: Ask the source for a page (postcopy, on the Fault connection).
     PAGE_FAULT = 9
+    #: Protocol version 1 (chmig): the pages whose copy on the destination is stale (hybrid precopy→postcopy).
+    DISCARD = 10
 
     @property
     def wire_name(self) -> str:
@@ -281,6 +287,11 @@ class Request:
     @classmethod
     def page_fault(cls) -> Request:
         return cls(Command.PAGE_FAULT, MEMORY_RANGE_SIZE)
+
+    @classmethod
+    def discard(cls, table_length: int) -> Request:
+        """Version 1: a MemoryRangeTable of ``table_length`` bytes follows (no data)."""
+        return cls(Command.DISCARD, table_length)
 
     @property
     def sender_version(self) -> int:
@@ -556,6 +567,13 @@ def encode_memory_fd_slot(slot: int) -> bytes:
     return _SLOT.pack(slot)
 
 
+def check_discard_table(table: MemoryRangeTable) -> None:
+    """Protocol step *Discard*: every range page aligned and not empty (then the receiver checks it is RAM)."""
+    for rng in table:
+        if not rng.length or rng.gpa % PAGE_SIZE or rng.length % PAGE_SIZE:
+            raise ProtocolError(f"range {rng.gpa:#x}+{rng.length:#x} is not whole pages", where="Discard")
+
+
 def check_memory_before_state(memory_mode: str, memory_bytes: int, memory_fds: bool) -> None:
     """Protocol step *State*, precopy: guest memory came first (Memory bytes, or MemoryFds in a local migration).
 
@@ -627,6 +645,7 @@ RECEIVER_TRANSITIONS: dict[tuple[ReceiverState, Command], ReceiverState] = {
     (_S.STARTED, _C.CONFIG): _S.CONFIGURED,
     (_S.MEMORY_FDS_RECEIVED, _C.CONFIG): _S.CONFIGURED,
     (_S.CONFIGURED, _C.MEMORY): _S.CONFIGURED,
+    (_S.CONFIGURED, _C.DISCARD): _S.CONFIGURED,
     (_S.CONFIGURED, _C.STATE): _S.STATE_RECEIVED,
     (_S.STATE_RECEIVED, _C.COMPLETE): _S.COMPLETED,
     (_S.STATE_RECEIVED, _C.COMPLETE_PAUSED): _S.COMPLETED,
@@ -634,12 +653,23 @@ RECEIVER_TRANSITIONS: dict[tuple[ReceiverState, Command], ReceiverState] = {
 
 FINAL_STATES = frozenset({_S.COMPLETED, _S.ABORTED})
 
+#: Commands that exist only from a protocol version on: the version the Start of the migration named must be
+#: at least this (Cloud Hypervisor speaks version 0 and knows none of them).
+COMMAND_SINCE_VERSION: dict[Command, int] = {
+    _C.DISCARD: 1,
+}
+
 #: Commands whose request carries no payload: ``length`` must be 0.
 _NO_PAYLOAD = frozenset({_C.START, _C.COMPLETE, _C.COMPLETE_PAUSED, _C.ABANDON})
 
 
-def next_receiver_state(state: ReceiverState, command: Command) -> ReceiverState:
-    """Is ``command`` allowed in ``state``, and where does it lead?"""
+def next_receiver_state(state: ReceiverState, command: Command, version: int = NEWEST_PROTOCOL_VERSION
+                        ) -> ReceiverState:
+    """Is ``command`` allowed in ``state`` of a migration that speaks ``version``, and where does it lead?"""
+    since = COMMAND_SINCE_VERSION.get(command, 0)
+    if since > version:
+        raise ProtocolError(f"{command.wire_name} needs protocol version {since}, but this migration's Start said "
+                            f"version {version}", where=state.value)
     if state in FINAL_STATES:
         raise ProtocolError(
             f"can't handle command {command.wire_name}: the migration is already {state.value}",
@@ -680,6 +710,8 @@ COMMAND_PURPOSE: dict[Command, str] = {
     _C.COMPLETE_PAUSED: "the hand-over of a paused VM: the receiver keeps it paused",
     _C.PAGE_FAULT: "the destination asks for a range it does not have yet (postcopy): the source answers Ok with "
                    "the bytes inline, or with length 0 once it wrote them into the shared memfd",
+    _C.DISCARD: "version 1, the switch of a hybrid migration to postcopy: the pages the guest wrote since they "
+                "were sent; the receiver drops its stale copies, and they will come by PageFault",
 }
 
 #: What an Ok to a request on an additional connection means (on the main connection an Ok moves the state
@@ -706,6 +738,7 @@ COMMAND_PAYLOAD: dict[Command, str] = {
     _C.MEMORY_FD: "4 bytes: slot (u32); the memfd rides along as SCM_RIGHTS",
     _C.COMPLETE_PAUSED: "none",
     _C.PAGE_FAULT: "one MemoryRange (on a Fault connection)",
+    _C.DISCARD: "a MemoryRangeTable (`length` = 16·n), no data (protocol version 1 only)",
 }
 
 
@@ -740,7 +773,7 @@ def check_request_length(request: Request, limits: Limits = DEFAULT_LIMITS) -> N
         )
     if cmd is _C.STATE and length > limits.max_state_bytes:
         raise ProtocolError(f"state of {length} bytes exceeds the limit of {limits.max_state_bytes}", where=where)
-    if cmd is _C.MEMORY:
+    if cmd in (_C.MEMORY, _C.DISCARD):
         if length % MEMORY_RANGE_SIZE:
             raise ProtocolError(
                 f"memory range table of {length} bytes is not a multiple of {MEMORY_RANGE_SIZE}", where=where
@@ -768,6 +801,8 @@ class ReceiverMachine:
     def __init__(self, limits: Limits = DEFAULT_LIMITS) -> None:
         self.limits = limits
         self.state = _S.ESTABLISHED
+        #: The protocol version the sender's Start named (until Start: the oldest, 0).
+        self.version = PROTOCOL_VERSION
         self._pending: ReceiverState | None = None
 
     @property
@@ -777,10 +812,10 @@ class ReceiverMachine:
     def begin(self, request: Request) -> ReceiverState:
         """Validate ``request`` against the table and the limits; return the state it leads to."""
         try:
-            target = next_receiver_state(self.state, request.command)
+            target = next_receiver_state(self.state, request.command, self.version)
             check_request_length(request, self.limits)
             if request.command is _C.START:
-                request.check_sender_version()
+                self.version = request.check_sender_version()
         except ProtocolError:
             self.fail()
             raise
@@ -809,13 +844,15 @@ class SourceMachine:
     :meth:`acknowledged` once the request was answered Ok.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, version: int = PROTOCOL_VERSION) -> None:
         self.state = _S.ESTABLISHED
+        #: The version this source's Start names: 0 unless its migration needs a newer command.
+        self.version = version
 
     def check_send(self, command: Command) -> ReceiverState:
         """May the source send ``command`` now?  Returns the state Ok will lead to."""
         try:
-            return next_receiver_state(self.state, command)
+            return next_receiver_state(self.state, command, self.version)
         except ProtocolError as exc:
             raise InternalError(f"the source tried to send {command.wire_name}: {exc.message}",
                                 where="source") from None
@@ -1013,11 +1050,17 @@ def check_slots_covered(mappings: Iterable[SlotMapping], memory_fd_slots: Collec
 # --------------------------------------------------------------------------
 
 
+def _versioned(command: Command) -> str:
+    """A command's name, with the protocol version it needs when that is not 0: ``Discard (v1)``."""
+    since = COMMAND_SINCE_VERSION.get(command, 0)
+    return f"{command.wire_name} (v{since})" if since else command.wire_name
+
+
 def receiver_state_diagram() -> str:
     """The receiver state machine as a mermaid ``stateDiagram-v2``, drawn from the table."""
     lines = ["stateDiagram-v2", "    direction TB", f"    [*] --> {_S.ESTABLISHED.value}"]
     for (state, command), target in RECEIVER_TRANSITIONS.items():
-        lines.append(f"    {state.value} --> {target.value}: {command.wire_name}")
+        lines.append(f"    {state.value} --> {target.value}: {_versioned(command)}")
     lines.append(f"    note right of {_S.ABORTED.value}: Abandon (from any state), or any error")
     lines.append(f"    {_S.COMPLETED.value} --> [*]")
     lines.append(f"    {_S.ABORTED.value} --> [*]")
@@ -1086,6 +1129,6 @@ def source_sequence_diagram() -> str:
     """What the source may send in each state (the same table, seen from the source), as Mermaid."""
     lines = ["stateDiagram-v2", "    direction LR", f"    [*] --> {_S.ESTABLISHED.value}"]
     for (state, command), target in RECEIVER_TRANSITIONS.items():
-        lines.append(f"    {state.value} --> {target.value}: send {command.wire_name}, Ok")
+        lines.append(f"    {state.value} --> {target.value}: send {_versioned(command)}, Ok")
     lines.append(f"    note right of {_S.ABORTED.value}: send Abandon (any state), or an Error answer")
     return "\n".join(lines)

@@ -39,6 +39,7 @@ from .errors import (
     ProtocolError,
     StuckThreadError,
     TransportError,
+    VmError,
 )
 from .events import EventHook, no_events
 from .memory import GuestMemory
@@ -469,6 +470,30 @@ class Receiver:
         assert self.memory is not None and incoming.table is not None
         self.stats.total_bytes += channel.receive_memory(self.memory, incoming.table, self.populate)
 
+    def on_discard(self, channel: Channel, incoming: IncomingRequest) -> None:
+        """Protocol step *Discard* (version 1; a hybrid migration switching to postcopy): drop the stale pages.
+
+        Every range is checked (page aligned, inside guest RAM) before any page is dropped; the dropped pages
+        are missing from now on, so after State the pager asks the source for them like any other.
+        """
+        if self.memory_mode != "postcopy":
+            raise ProtocolError("this destination receives by precopy, and a hybrid migration switching to "
+                                "postcopy needs one that receives by postcopy (memory_mode=postcopy)",
+                                where="Discard")
+        assert self.memory is not None and incoming.table is not None
+        p.check_discard_table(incoming.table)
+        for rng in incoming.table:
+            try:
+                for _ in self.memory.split(rng):
+                    pass
+            except VmError as exc:
+                raise ProtocolError(f"range {rng.gpa:#x}+{rng.length:#x} is not inside guest RAM",
+                                    where="Discard") from exc
+        for rng in incoming.table:
+            self.memory.discard(rng)
+        self.stats.mode = "hybrid"
+        self.stats.pages_discarded = (self.stats.pages_discarded or 0) + incoming.table.total_bytes // p.PAGE_SIZE
+
     def on_state(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *State*: every worker is done; restore vCPUs and devices, VM paused.
 
@@ -494,6 +519,8 @@ class Receiver:
             self.on_event("restored", None)
             return
         assert self.memory is not None
+        if self.stats.total_bytes:  # precopy came first: a hybrid migration (whether it discarded or not)
+            self.stats.mode = "hybrid"
         self.pager = PostcopyPager(self.memory, faults, self.prefetch, self.limits,
                                    PostcopyStats(role="destination", counts_bytes_into=self.stats),
                                    shared_with_source=self.destination.mode == "local",
@@ -628,6 +655,7 @@ STEPS: dict[p.Command, Callable[[Receiver, Channel, IncomingRequest], None]] = {
     p.Command.MEMORY_FD: Receiver.on_memory_fd,
     p.Command.CONFIG: Receiver.on_config,
     p.Command.MEMORY: Receiver.on_memory,
+    p.Command.DISCARD: Receiver.on_discard,
     p.Command.STATE: Receiver.on_state,
     p.Command.COMPLETE: Receiver.on_complete,
     p.Command.COMPLETE_PAUSED: Receiver.on_complete_paused,

@@ -4,7 +4,7 @@ One sub-command per verb, in ``ch-remote``'s names, order and ``about``
 texts, each verb's argument documented by Cloud Hypervisor's syntax string;
 :data:`VERBS` is the one table both the parser and the dispatch are built
 from.  Only the verbs chmig serves are offered, plus chmig's own
-``cancel-migration`` (``ch-remote`` has none).  Bodies are built by
+``cancel-migration`` and ``migration-start-postcopy`` (``ch-remote`` has neither).  Bodies are built by
 :mod:`chmig.apiconfig`, so they are the bytes ``ch-remote`` sends.
 
 ``send-migration`` and ``receive-migration`` answer only when the migration
@@ -62,13 +62,16 @@ class Verb:
 
 
 #: ``ch-remote``'s verbs that chmig serves, sorted as ``ch-remote --help`` lists them, and chmig's own
-#: ``cancel-migration``.
+#: ``cancel-migration`` and ``migration-start-postcopy``.
 VERBS: tuple[Verb, ...] = (
     Verb("boot", "Boot a created VM", "PUT", "vm.boot"),
     Verb("cancel-migration", "Cancel the migration in progress (chmig's own verb: Cloud Hypervisor's "
                              "ch-remote has no such verb)", "PUT", "vm.cancel-migration"),
     Verb("delete", "Delete a VM", "PUT", "vm.delete"),
     Verb("info", "Info on the VM", "GET", "vm.info"),
+    Verb("migration-start-postcopy", "Switch the hybrid migration in progress to postcopy now (chmig's own "
+                                     "verb, after QEMU's migrate-start-postcopy)", "PUT",
+         "vm.migration-start-postcopy"),
     Verb("pause", "Pause the VM", "PUT", "vm.pause"),
     Verb("ping", "Ping the VMM to check for API server availability", "GET", "vmm.ping"),
     Verb("receive-migration", "Receive a VM migration", "PUT", "vm.receive-migration",

@@ -43,6 +43,7 @@ from .errors import (
     MigrationError,
     PeerError,
     PostcopyError,
+    VmError,
 )
 from .events import EventHook, no_events
 from .memory import GuestMemory
@@ -206,6 +207,14 @@ class FaultServer:
         self._ended = threading.Condition(self._lock)
         self._running = 0
 
+    def already_there(self, sent: p.MemoryRangeTable, discarded: p.MemoryRangeTable) -> None:
+        """Hybrid: the destination has every page precopy sent (``sent``: the source's populated pages) except
+        the ``discarded`` ones; it asks only for the rest."""
+        for table, mark in ((sent, self.served.mark), (discarded, self.served.unmark)):
+            for rng in table:
+                for gpa, length in self.memory.split(rng):
+                    mark(gpa, length)
+
     def open(self) -> None:
         """Open the Fault connections (role Fault, TCP_NODELAY) and start serving each at once."""
         tls = self.options.tls()
@@ -303,7 +312,10 @@ class Sender:
         self.stats = stats
         self.observers = observers if observers is not None else Observers()
         self.limits = limits
-        self.machine = p.SourceMachine()
+        #: Version 0 (Cloud Hypervisor's) unless the migration needs a newer command (hybrid: Discard).
+        self.machine = p.SourceMachine(version=1 if options.memory_mode == "hybrid" else p.PROTOCOL_VERSION)
+        #: Hybrid: an operator asked to switch to postcopy now (``vm.migration-start-postcopy``).
+        self._switch_requested = threading.Event()
         self.was_running = vm.state == VmState.RUNNING
         self.paused_by_us = False
         #: Complete (or CompletePaused) went out: the point of no return (see :meth:`_roll_back`).
@@ -388,9 +400,22 @@ class Sender:
         self.channel.request_ok(request, payload)
         self.machine.acknowledged(request.command)
 
+    def _start(self) -> None:
+        """Protocol step *Start*, with the version this migration needs (0 unless hybrid)."""
+        version = self.machine.version
+        try:
+            self._request_ok(p.Request.start(version))
+        except PeerError as exc:
+            if version == p.PROTOCOL_VERSION:
+                raise
+            raise MigrationError(f"the destination refused protocol version {version}, which "
+                                 f"memory_mode={self.options.memory_mode} needs: it speaks only version "
+                                 f"{p.PROTOCOL_VERSION} (Cloud Hypervisor, or an older chmig) — migrate with "
+                                 "memory_mode=precopy or postcopy to it", where="Start") from exc
+
     def _migrate(self) -> None:
         vm = self.vm
-        self._request_ok(p.Request.start())
+        self._start()
         if self.options.local:
             self._send_memory_fds()
         config = json_bytes(vm.migration_config())
@@ -399,12 +424,7 @@ class Sender:
             self._pause()
         elif self.options.memory_mode == "postcopy":
             self._pause()
-            self.stats.postcopy = PostcopyStats(role="source", status="serving", strategy="", prefetch_bytes=0)
-            self.fault_server = FaultServer(vm.memory, self.options, self.observers, self.stats.postcopy,
-                                            self.stats, self.limits)
-            if self.cancelled:
-                raise MigrationError("the migration was cancelled", where="send")
-            self.fault_server.open()
+            self._open_fault_server(None)
         else:
             assert self.channel is not None
             self.stats.progress = Progress()
@@ -413,7 +433,9 @@ class Sender:
             if self.cancelled:  # cancel() may have run before the memory sender existed
                 raise MigrationError("the migration was cancelled", where="send")
             self.memory_sender.open()
-            self._precopy()
+            discarded = self._precopy()
+            if self.options.memory_mode == "hybrid":  # converged (nothing discarded) or switched
+                self._open_fault_server(discarded if discarded is not None else p.MemoryRangeTable())
         self._enter("state")
         capture_begin = time.monotonic()
         state = json_bytes(vm.capture_state())
@@ -456,6 +478,31 @@ class Sender:
         self.stats.downtime_ms = _ms_since(self.downtime_begin)
         if self.fault_server is not None:
             self._serve_postcopy(self.fault_server)
+
+    def _open_fault_server(self, discarded: p.MemoryRangeTable | None) -> None:
+        """Open the Fault connections (before State) and serve pages from now on.
+
+        ``discarded``: hybrid — the destination has every page precopy sent except these; a plain postcopy (None)
+        sent none.  The served-page bitmap starts from that, so the source knows when the destination is whole.
+        """
+        self.stats.postcopy = PostcopyStats(role="source", status="serving", strategy="", prefetch_bytes=0)
+        self.fault_server = FaultServer(self.vm.memory, self.options, self.observers, self.stats.postcopy,
+                                        self.stats, self.limits)
+        if discarded is not None:
+            self.fault_server.already_there(self.vm.memory.populated_table(), discarded)
+        if self.cancelled:
+            raise MigrationError("the migration was cancelled", where="send")
+        self.fault_server.open()
+
+    def start_postcopy(self) -> None:
+        """An operator's ``migration-start-postcopy``: a hybrid migration switches at the next iteration."""
+        if self.options.memory_mode != "hybrid":
+            raise VmError(f"the migration in progress is {self.options.memory_mode}, not hybrid: only "
+                          "memory_mode=hybrid can switch to postcopy")
+        if self.fault_server is not None or self.complete_sent:
+            raise VmError("the migration has already left precopy")
+        log.info("hybrid: an operator asked to switch to postcopy")
+        self._switch_requested.set()
 
     def _serve_postcopy(self, server: FaultServer) -> None:
         """After Complete: the destination runs the VM and pulls its memory from here until it closes every
@@ -515,8 +562,13 @@ class Sender:
             for worker in self.memory_sender.workers:
                 worker.set_timeout(paused)
 
-    def _precopy(self) -> None:
-        """Iterations while the VM runs, then the paused final iteration (``do_memory_migration``)."""
+    def _precopy(self) -> p.MemoryRangeTable | None:
+        """Iterations while the VM runs, then the paused final iteration (``do_memory_migration``).
+
+        Hybrid: when precopy does not converge by ``timeout_s`` or ``postcopy_after_s``, or an operator asks,
+        switch instead of the final iteration: pause, read the dirty log once more, and Discard those pages on
+        the destination (postcopy brings them).  Returns the discarded pages (None: no switch).
+        """
         vm = self.vm
         assert self.memory_sender is not None
         vm.start_dirty_log()
@@ -535,8 +587,13 @@ class Sender:
                 dirty_rate = table.total_bytes / max(begin - last_log_read, 1e-6)
             last_log_read = begin
             estimated = table.total_bytes / bandwidth if bandwidth else None
+            if self._switch_requested.is_set():  # an operator's switch wins, converging or not
+                return self._switch(table, "operator")
             if self._converged(table, estimated):
                 break
+            reason = self._switch_reason()
+            if reason is not None:
+                return self._switch(table, reason)
             transfer_begin = time.monotonic()
             self._progress("precopy", number, table, dirty_rate, estimated)
             self.machine.check_send(p.Command.MEMORY)  # on whichever connection, Memory belongs after Config
@@ -565,6 +622,52 @@ class Sender:
         self.stats.final_iteration_ms = round(duration * 1000, 3)
         self._record(number, final, duration, final.total_bytes / max(duration, 1e-6), final_dirty_rate,
                      final.total_bytes / bandwidth if bandwidth else None, final=True)
+        return None
+
+    def _switch_reason(self) -> str | None:
+        """Hybrid, precopy not converging: should it switch to postcopy now?  (None: go on iterating.)"""
+        if self.options.memory_mode != "hybrid":
+            return None
+        elapsed = self.stats.elapsed()
+        if self.options.postcopy_after_s is not None and elapsed >= self.options.postcopy_after_s:
+            return "postcopy_after_s"
+        if elapsed >= self.options.timeout_s:
+            return "timeout_s"
+        return None
+
+    def _switch(self, unsent: p.MemoryRangeTable, reason: str) -> p.MemoryRangeTable:
+        """Hybrid's switch: pause, the dirty log one last time, Discard those pages (and ``unsent``, the
+        iteration that was not sent) on the destination; postcopy brings them after State."""
+        assert self.memory_sender is not None
+        self._pause()
+        switch_begin = time.monotonic()
+        stale = self.vm.dirty_table()
+        stale.extend(unsent)
+        self.vm.stop_dirty_log()
+        self.memory_sender.close()  # the destination's memory connections end before State
+        self.stats.switched_by = reason
+        self.stats.switch_after_ms = round(self.stats.elapsed() * 1000, 3)
+        self.stats.precopy_bytes = self.stats.total_bytes
+        self.stats.pages_discarded = stale.total_bytes // p.PAGE_SIZE
+        log.info("hybrid: precopy did not converge (%s); switching to postcopy after %.1f s: %d pages to discard",
+                 reason, self.stats.switch_after_ms / 1000, self.stats.pages_discarded)
+        self.on_event("migration-switching-to-postcopy", {"reason": reason})
+        self._enter("switch")
+        assert self.channel is not None
+        most = self.limits.max_table_bytes // p.MEMORY_RANGE_SIZE
+        ranges = list(stale)
+        for first in range(0, max(len(ranges), 1), most):  # an empty table too: the destination learns of it
+            chunk = p.MemoryRangeTable(ranges[first:first + most])
+            self.machine.check_send(p.Command.DISCARD)
+            try:
+                self.channel.send_discard(chunk)
+            except PeerError as exc:
+                raise MigrationError(f"the destination refused Discard ({exc.message}): a hybrid migration needs "
+                                     "a destination that receives by postcopy (chmig receive --memory-mode postcopy,"
+                                     " or receive-migration ...,memory_mode=postcopy)", where="Discard") from exc
+            self.machine.acknowledged(p.Command.DISCARD)
+        self.stats.final_iteration_ms = _ms_since(switch_begin)
+        return stale
 
     def _progress(self, phase: str, number: int, table: p.MemoryRangeTable, dirty_rate: float,
                   estimated: float | None) -> None:
@@ -581,7 +684,7 @@ class Sender:
         if estimated_s is not None and estimated_s * 1000 <= self.options.downtime_ms:
             log.debug("precopy: target downtime can be met: %.1f ms", estimated_s * 1000)
             return True
-        if self.stats.elapsed() >= self.options.timeout_s:
+        if self.stats.elapsed() >= self.options.timeout_s and self.options.memory_mode != "hybrid":
             if self.options.timeout_strategy == "cancel":
                 raise ConvergenceError(
                     f"precopy did not converge within {self.options.timeout_s} s "

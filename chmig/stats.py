@@ -103,6 +103,13 @@ class MigrationStats:
     restore_ms: float | None = None
     resume_ms: float | None = None
     downtime_goal_ms: int | None = None
+    #: Hybrid (``memory_mode=hybrid``): when precopy switched to postcopy (ms since the start) and why
+    #: (``timeout_s``, ``postcopy_after_s``, ``operator``), the bytes precopy had sent by then, and the pages
+    #: discarded at the switch (the destination counts those it dropped).  None: no switch.
+    switch_after_ms: float | None = None
+    switched_by: str | None = None
+    precopy_bytes: int | None = None
+    pages_discarded: int | None = None
     #: Postcopy (:class:`chmig.postcopy.PostcopyStats`): faults, the pull, latency, time until whole.
     postcopy: Any = None
     #: While a send runs: what it is doing right now (None before its first iteration and once it ended).
@@ -140,6 +147,10 @@ class MigrationStats:
             parts.append(f"downtime {self.downtime_ms:.1f} ms{goal}")
         if self.iterations:
             parts.append(f"{len(self.iterations)} iterations")
+        if self.switch_after_ms is not None:
+            parts.append(f"switched to postcopy after {self.switch_after_ms / 1000:.2f} s ({self.switched_by})")
+        if self.pages_discarded is not None:
+            parts.append(f"{self.pages_discarded} pages discarded")
         mib = self.total_bytes / MiB
         rate = mib / seconds if seconds > 0 else 0.0
         parts.append(f"{mib:.1f} MiB moved ({rate:.0f} MiB/s overall)")

@@ -386,6 +386,9 @@ PHASES: dict[str, Phase] = {
     "Complete": Phase("Hand-over", "Complete: from its Ok on, the VM belongs to the receiver"),
     "CompletePaused": Phase("Hand-over", "CompletePaused: from its Ok on, the (paused) VM belongs to the "
                                          "receiver"),
+    "Discard": Phase("The switch to postcopy", "the VM is paused on the source, and the pages it wrote since they "
+                                               "were sent are dropped on the destination: they will come by "
+                                               "PageFault, the rest is there already"),
     "PageFault": Phase("Pages on demand", "the destination asks for the pages it lacks: first touches of the "
                                           "running guest, and a background pull of the rest"),
     "Abandon": Phase("Abandon", "the source gives the migration up"),
@@ -449,6 +452,8 @@ class Narrator:
         self.origin = origin
         self._lock = threading.RLock()
         self.state = p.ReceiverState.ESTABLISHED
+        #: The protocol version the migration's Start named (it decides which commands exist).
+        self.version = p.PROTOCOL_VERSION
         self._pending_state: p.ReceiverState | None = None
         self._phases_seen: set[str] = set()
         self.phases: list[Phase] = []
@@ -506,15 +511,20 @@ class Narrator:
         self.finish()
 
     def command_summary(self) -> list[str]:
-        """The commands of the migration: the main connection's in order, then each other one's connections."""
-        main: list[str] = []
+        """The commands of the migration: the main connection's in order (a run of one counted), then the
+        other connections' commands, each with the connections it came on."""
+        main: list[list] = []  # [name, count] of each run of one command
         others: dict[str, list[str]] = {}
         for connection, name in self.commands:
-            if connection == p.MAIN_CONNECTION:
-                main.append(name)
-            elif connection not in others.setdefault(name, []):
-                others[name].append(connection)
-        lines = [f"commands on the main connection, in order: {', '.join(main)}"]
+            if connection != p.MAIN_CONNECTION:
+                if connection not in others.setdefault(name, []):
+                    others[name].append(connection)
+            elif main and main[-1][0] == name:
+                main[-1][1] += 1
+            else:
+                main.append([name, 1])
+        told = ", ".join(name if count == 1 else f"{name} ×{count}" for name, count in main)
+        lines = [f"commands on the main connection, in order: {told}"]
         if others:
             lines.append("on the other connections: " + "; ".join(f"{name} ({', '.join(connections)})"
                                                                  for name, connections in others.items()))
@@ -601,8 +611,10 @@ class Narrator:
         purpose = f"{message.name}: {p.COMMAND_PURPOSE[command]}."
         if message.connection != p.MAIN_CONNECTION:
             return purpose, ""
+        if command is p.Command.START and len(message.header) == p.HEADER_SIZE:
+            self.version = int.from_bytes(message.header[2:4], "little")
         try:
-            target = p.next_receiver_state(self.state, command)
+            target = p.next_receiver_state(self.state, command, self.version)
         except ProtocolError as exc:  # the table does not allow it here
             self._pending_state = p.ReceiverState.ABORTED
             return purpose, f"Not allowed: {exc.message}; the receiver answers Error and aborts."

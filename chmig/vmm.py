@@ -586,6 +586,15 @@ class Vmm:
         log.warning("cancelling the %s in progress", task.kind)
         task.cancel()
 
+    def start_postcopy(self) -> None:
+        """``vm.migration-start-postcopy``: the hybrid send in progress switches to postcopy at its next step."""
+        with self.lock:
+            sender = self.sender
+            task = self.task
+        if task is None or task.kind != "send-migration" or sender is None:
+            raise VmError("no migration is being sent")
+        sender.start_postcopy()
+
     # -- the end ---------------------------------------------------------------------------------
 
     def _drop_vm(self) -> None:

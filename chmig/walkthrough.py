@@ -14,8 +14,6 @@ the messages as notes.
 too, so a class can talk about it) and lengthens the protocol's timeouts so
 the pause cannot fail the migration.  ``--mermaid FILE`` draws what happened;
 ``--trace FILE`` keeps every message of both ends (``chmig trace show``).
-
-A flow whose feature has not landed says so in one line and exits 2.
 """
 
 from __future__ import annotations
@@ -113,11 +111,16 @@ class NarratedEvents(EventMonitor):
         super().__init__()
         self.who = who
         self.narrator = narrator
+        #: Called once, on the thread that emits it, when an event of that name comes (then forgotten).
+        self.once: dict[str, Callable[[], None]] = {}
 
     def emit(self, source: str, event: str, properties: Mapping[str, str] | None = None) -> None:
         super().emit(source, event, properties)
         shown = ", ".join(f"{key}={value}" for key, value in (properties or {}).items())
         self.narrator.note(f"{self.who}: event {source} {event}{f' ({shown})' if shown else ''}")
+        action = self.once.pop(event, None)
+        if action is not None:
+            action()
 
 
 class Walk:
@@ -333,9 +336,11 @@ def wait_guest(vmm: Any, rounds: int, timeout: float = WAIT_S) -> dict:
 
 
 def _between_vmms(walk: Walk, joined_by: str, listen: str, options: dict[str, Any], *, shared: bool = False,
-                  memory_mode: str = "precopy") -> tuple[Any, Any, dict, int]:
+                  memory_mode: str = "precopy", after_first_iteration: Callable[[Any], None] | None = None
+                  ) -> tuple[Any, Any, dict, int]:
     """Two VMMs of this process, a VM on the first; send it to the second with ``options`` (send-migration's,
-    as the API takes them).  Returns both VMMs, the send's statistics and the guest's rounds when it began."""
+    as the API takes them).  Returns both VMMs, the send's statistics and the guest's rounds when it began.
+    ``after_first_iteration(source)`` runs on the migration's thread once precopy's first iteration is sent."""
     walk.heading(f"Setting up: two VMMs in this process, joined by {joined_by}")
     source = walk.boot(shared=shared)
     walk.say(f"   source: a VM with 1 vCPU and {walk.memory} of {'shared RAM (a memfd)' if shared else 'RAM'}; its "
@@ -344,6 +349,8 @@ def _between_vmms(walk: Walk, joined_by: str, listen: str, options: dict[str, An
     receiving, url = walk.receive(destination, listen, memory_mode)
     walk.say(f"   destination: an empty VMM listening on {url}"
              + (", memory_mode=postcopy (userfaultfd on its RAM)" if memory_mode == "postcopy" else ""))
+    if after_first_iteration is not None:
+        source.events.once["migration-memory-iteration"] = lambda: after_first_iteration(source)
     walk.step("send the migration")
     rounds = guest(source)["rounds"]
     shown = "".join(f",{key}={'on' if value is True else str(value).lower()}" for key, value in options.items())
@@ -377,6 +384,24 @@ def _local(walk: Walk) -> bool:
 def _postcopy(walk: Walk) -> bool:
     source, destination, _, rounds = _between_vmms(walk, "loopback TCP", "tcp:127.0.0.1:0",
                                                    {"memory_mode": "Postcopy"}, memory_mode="postcopy")
+    pager = destination.postcopy
+    if pager is not None and not pager.done.wait(WAIT_S):
+        raise MigrationError("postcopy did not bring every page in", where="walkthrough")
+    walk.statistics()
+    walk.say(f"   {source.migration.summary()}")
+    walk.say(f"   {destination.migration.summary()}")
+    return walk.prove(destination, rounds)
+
+
+def _hybrid(walk: Walk) -> bool:
+    def operator_switches(source: Any) -> None:
+        walk.narrator.note("operator: vm.migration-start-postcopy (chmig remote migration-start-postcopy): switch "
+                           "now, converged or not")
+        source.start_postcopy()
+
+    source, destination, _, rounds = _between_vmms(walk, "loopback TCP", "tcp:127.0.0.1:0",
+                                                   {"memory_mode": "Hybrid"}, memory_mode="postcopy",
+                                                   after_first_iteration=operator_switches)
     pager = destination.postcopy
     if pager is not None and not pager.done.wait(WAIT_S):
         raise MigrationError("postcopy did not bring every page in", where="walkthrough")
@@ -438,11 +463,10 @@ def _offload_restore(walk: Walk) -> bool:
 
 @dataclass(frozen=True)
 class Flow:
-    """One walkthrough: what it shows, and how to run it (None: its feature has not landed)."""
+    """One walkthrough: what it shows, and how to run it."""
 
     title: str
-    run: Callable[[Walk], bool] | None
-    not_landed: str = ""
+    run: Callable[[Walk], bool]
 
 
 FLOWS: dict[str, Flow] = {
@@ -454,17 +478,14 @@ FLOWS: dict[str, Flow] = {
                              _offload_snapshot),
     "offload-restore": Flow("On-demand restore: the offload daemon sends a snapshot back, page by page as the VM "
                             "touches it", _offload_restore),
-    "hybrid": Flow("Hybrid: precopy that switches to postcopy when it cannot converge", None,
-                   "precopy that switches to postcopy has not landed yet (issue 13)"),
+    "hybrid": Flow("Hybrid: precopy first, then (an operator asks) the switch to postcopy: protocol version 1, "
+                   "Discard", _hybrid),
 }
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    landed = [name for name, flow in FLOWS.items() if flow.run is not None]
-    coming = [name for name, flow in FLOWS.items() if flow.run is None]
     parser.add_argument("flow", choices=list(FLOWS), metavar="FLOW",
-                        help="|".join(landed) + ": which migration to run and narrate"
-                             + (f" ({', '.join(coming)}: not landed yet)" if coming else ""))
+                        help="|".join(FLOWS) + ": which migration to run and narrate")
     parser.add_argument("--mermaid", metavar="FILE", help="write a Mermaid sequence diagram of what happened")
     parser.add_argument("--step", action="store_true",
                         help="wait for Enter before each phase (for a class; the protocol's timeouts are "
@@ -494,10 +515,8 @@ def _interrupt_releases(stepper_of: Callable[[], Stepper | None]) -> Iterator[No
 
 
 def main_walkthrough(args: argparse.Namespace) -> int:
-    """``chmig walkthrough FLOW``: 0 when the guest continued intact, 1 when it did not, 2 for a flow not landed."""
+    """``chmig walkthrough FLOW``: 0 when the guest continued intact, 1 when it did not."""
     flow = FLOWS[args.flow]
-    if flow.run is None:
-        raise UsageError(flow.not_landed, where=args.flow)
     walk: Walk | None = None
     with _interrupt_releases(lambda: walk.stepper if walk is not None else None), contextlib.ExitStack() as stack:
         walk = Walk(args, stack)

@@ -59,12 +59,15 @@ _TRANSITIONS: dict[tuple[str, int], str] = {
     ("Started", 2): "Configured",             # Config
     ("MemoryFdsReceived", 2): "Configured",
     ("Configured", 4): "Configured",          # Memory
+    ("Configured", 10): "Configured",         # Discard (version 1)
     ("Configured", 3): "StateReceived",       # State
     ("StateReceived", 5): "Completed",        # Complete
     ("StateReceived", 8): "Completed",        # CompletePaused
 }
 _NAMES = {0: "Invalid", 1: "Start", 2: "Config", 3: "State", 4: "Memory", 5: "Complete", 6: "Abandon",
-          7: "MemoryFd", 8: "CompletePaused", 9: "PageFault"}
+          7: "MemoryFd", 8: "CompletePaused", 9: "PageFault", 10: "Discard"}
+#: Start's version field: 0 (Cloud Hypervisor's) and 1 (chmig's, which adds Discard) are accepted.
+_VERSIONS = (0, 1)
 _NO_PAYLOAD = {1, 5, 6, 8}
 
 
@@ -611,6 +614,7 @@ class ReferenceReceiver:
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
         self.state = "Established"
+        self.version = 0
         self.facts: ConfigFacts | None = None
         self.layout_known = False
         self.memory_fds: dict[int, FdSpec] = {}
@@ -663,8 +667,16 @@ class ReferenceReceiver:
         limits = self.ctx.limits
         if command in _NO_PAYLOAD and length:
             return refuse(f"{name} carries no payload, but length is {length}")
-        if command == 1 and int.from_bytes(headers[0:2], "little") != p.PROTOCOL_VERSION:
+        if command == 1 and int.from_bytes(headers[0:2], "little") not in _VERSIONS:
             return refuse(f"protocol version {int.from_bytes(headers[0:2], 'little')}")
+        if command == 1:
+            self.version = int.from_bytes(headers[0:2], "little")
+        if command == 10:
+            # Discard: version 1 only, in Configured, a range table; and these receivers receive by precopy, so
+            # even a valid one is refused (after its table was read).
+            if self.version < 1 or self.state != "Configured" or length % 16 or length > limits.max_table_bytes:
+                return refuse(f"Discard (version {self.version}, state {self.state}, {length} bytes)")
+            return refuse("Discard at a precopy receiver", end=body + length)
         if command == 2 and length > limits.max_config_bytes:
             return refuse(f"Config of {length} bytes is over the limit")
         if command == 3 and length > limits.max_state_bytes:

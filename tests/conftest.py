@@ -44,13 +44,15 @@ class BackgroundCall:
         import threading
 
         self.outcome: list[BaseException | None] = []
+        #: The call's answer (its JSON), once it returned without an error.
+        self.answer: object = None
         self.thread = threading.Thread(target=self._call, args=(vmm, method, action, body, timeout),
                                        name=f"test-{action}")
         self.thread.start()
 
     def _call(self, vmm: VmmProcess, method: str, action: str, body: dict, timeout: float) -> None:
         try:
-            vmm.call(method, action, body, timeout=timeout)
+            self.answer = vmm.call(method, action, body, timeout=timeout)
             self.outcome.append(None)
         except BaseException as exc:  # the test asserts on it
             self.outcome.append(exc)

@@ -39,12 +39,13 @@ SLOW_SEND = "downtime_ms=1,timeout_s=3,timeout_strategy=ignore"
 SLOW_LINK = 24 << 20
 
 #: ``ch-remote``'s verbs that chmig serves, with their ``about`` texts (cloud-hypervisor/src/bin/ch-remote.rs,
-#: ``get_cli_commands_sorted``), and chmig's own cancel-migration; in ch-remote's sorted order.
+#: ``get_cli_commands_sorted``), and chmig's own verbs (cancel-migration, migration-start-postcopy); in ch-remote's sorted order.
 CH_REMOTE_VERBS = {
     "boot": "Boot a created VM",
     "cancel-migration": None,
     "delete": "Delete a VM",
     "info": "Info on the VM",
+    "migration-start-postcopy": None,
     "pause": "Pause the VM",
     "ping": "Ping the VMM to check for API server availability",
     "receive-migration": "Receive a VM migration",

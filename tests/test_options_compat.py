@@ -581,7 +581,8 @@ def test_syntax_strings_are_chs_text_with_chmigs_extensions_marked() -> None:
     assert SEND_MIGRATION_SYNTAX.startswith(
         'VM send migration parameters "destination_url=<url>[,local=on|off,preserve_source=on|off,'
         "downtime_ms=<milliseconds>,timeout_s=<seconds>,timeout_strategy=cancel|ignore,connections=<amount>,"
-        'tls_dir=<path>,memory_mode=precopy|postcopy]" (chmig extension: "[,fault_connections=<amount>]"')
+        'tls_dir=<path>,memory_mode=precopy|postcopy]" (chmig extensions: "[,fault_connections=<amount>]"')
+    assert '"memory_mode=hybrid[,postcopy_after_s=<seconds>]"' in SEND_MIGRATION_SYNTAX
     assert RECEIVE_MIGRATION_SYNTAX.startswith(
         'VM receive migration parameters "<receiver_url>" or "receiver_url=<url>[,tls_dir=<path>]'
         "[,memory_mode=precopy|postcopy][,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>][,iommufd_fd=<fd>]"

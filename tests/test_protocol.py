@@ -93,17 +93,55 @@ def test_start_version_in_headers_and_rest_ignored() -> None:
 
 
 def test_start_version_window() -> None:
-    assert PROTOCOL_VERSION == 0
-    assert Request.start().check_sender_version() == 0
-    for bad in (1, 2, 255, 0xFFFF):
-        with pytest.raises(ProtocolError, match=f"version {bad} doesn't match supported versions: 0"):
+    """chmig sends version 0 (Cloud Hypervisor's) by default and accepts 0 and 1 (the newest and the one before)."""
+    assert PROTOCOL_VERSION == 0 and Request.start().encode() == H("0100" "000000000000" "0000000000000000")
+    assert Request.start(1).encode() == H("0100" "010000000000" "0000000000000000")
+    assert [Request.start(v).check_sender_version() for v in (0, 1)] == [0, 1]
+    for bad in (2, 255, 0xFFFF):
+        with pytest.raises(ProtocolError, match=f"version {bad} doesn't match supported versions: 0, 1"):
             Request.start(bad).check_sender_version()
+
+
+def test_discard_is_version_1_only_and_a_range_table() -> None:
+    from chmig.errors import InternalError
+    from chmig.protocol import Command, ReceiverMachine, ReceiverState, SourceMachine, check_discard_table
+
+    assert Request.discard(32).encode() == H("0a00" "000000000000" "2000000000000000")
+
+    def configured(version: int) -> ReceiverMachine:
+        machine = ReceiverMachine()
+        for request in (Request.start(version), Request.config(10)):
+            machine.begin(request)
+            machine.commit()
+        return machine
+
+    with pytest.raises(ProtocolError, match="Discard needs protocol version 1, but this migration's Start said "
+                                            "version 0"):
+        configured(0).begin(Request.discard(16))
+    machine = configured(1)
+    assert machine.begin(Request.discard(16)) is ReceiverState.CONFIGURED
+    machine.commit()
+    for bad in (Request.discard(17), Request(Command.DISCARD, 64 << 20)):
+        with pytest.raises(ProtocolError, match="memory range table"):
+            configured(1).begin(bad)
+    started = ReceiverMachine()
+    started.begin(Request.start(1))
+    started.commit()
+    with pytest.raises(ProtocolError, match="can't handle command Discard in receive state Started"):
+        started.begin(Request.discard(16))
+    with pytest.raises(InternalError, match="needs protocol version 1"):
+        SourceMachine().check_send(Command.DISCARD)
+    assert SourceMachine(version=1).version == 1
+    check_discard_table(MemoryRangeTable([MemoryRange(0x1000, 0x2000)]))
+    for bad in (MemoryRange(0x1001, 0x1000), MemoryRange(0x1000, 0x800), MemoryRange(0x1000, 0)):
+        with pytest.raises(ProtocolError, match="not whole pages"):
+            check_discard_table(MemoryRangeTable([bad]))
 
 
 @pytest.mark.parametrize(
     "wire, message",
     [
-        (H("0a00" + "00" * 14), "unknown command 10"),
+        (H("0b00" + "00" * 14), "unknown command 11"),
         (H("ffff" + "00" * 14), "unknown command 65535"),
         (H("0100" + "00" * 13), "must be 16 bytes, got 15"),
         (b"", "must be 16 bytes, got 0"),
