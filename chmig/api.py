@@ -15,7 +15,7 @@ PUT     /api/v1/vm.send-migration     ``VmSendMigrationData``; answered when the
                                       statistics (Cloud Hypervisor answers at once; chmig's send blocks)
 PUT     /api/v1/vm.receive-migration  ``VmReceiveMigrationData`` (receiver_url, tls_dir, memory_mode, ...)
 PUT     /api/v1/vm.cancel-migration   stop the migration in progress (its own request then fails); chmig's own
-PUT     /api/v1/vm.migration-start-postcopy  a ``memory_mode=hybrid`` send switches to postcopy now (after QEMU's
+PUT     /api/v1/vm.migration-start-postcopy  a ``memory_mode=hybrid`` send switches to postcopy after the iteration in flight (QEMU's
                                       ``migrate-start-postcopy``); chmig's own
 PUT     /api/v1/vm.snapshot           ``VmSnapshotConfig`` (destination_url ``file:///DIR``); the VM must be paused
 PUT     /api/v1/vm.restore            ``RestoreConfig`` (source_url ``file:///DIR``, memory_restore_mode, resume,

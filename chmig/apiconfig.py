@@ -38,10 +38,13 @@ what the code does and refuses it too, with a hint to write
 Where chmig differs, deliberately:
 
 * chmig's extensions: ``fault_connections=N`` on send (1..16 Fault connections
-  for postcopy) and ``prefetch=SIZE|page|off`` on receive (postcopy's
-  background pull).  Each is accepted only with ``memory_mode=postcopy`` and
-  appears in a body only when given, so a body without them is byte for byte
-  CH's.  ``trace`` on both (an absolute path: the VMM writes every message
+  for postcopy or hybrid), ``prefetch=SIZE|page|off`` on receive (postcopy's
+  background pull), and ``memory_mode=hybrid[,postcopy_after_s=S]`` on send
+  (precopy that switches to postcopy when it does not converge by
+  ``timeout_s`` or ``postcopy_after_s``, whichever comes first, or when asked;
+  it never cancels for ``timeout_strategy=cancel``: switching is its way out).
+  Each is accepted only with the memory mode it is for and appears in a body
+  only when given, so a body without them is byte for byte CH's.  ``trace`` on both (an absolute path: the VMM writes every message
   of the migration there, :mod:`chmig.trace`) is a JSON field only, set by
   ``chmig remote ... --trace FILE``, never an option-string key; it too
   appears in a body only when given.
@@ -488,7 +491,7 @@ class SendOptions:
             if self.memory_mode != _HYBRID:
                 raise UsageError("postcopy_after_s (a chmig extension) is only for memory_mode=hybrid", where=where)
             if self.postcopy_after_s <= 0:
-                raise UsageError("postcopy_after_s must be non-zero", where=where)
+                raise UsageError("postcopy_after_s must be a positive number of seconds", where=where)
         _check_trace(self.trace, where)
 
     def to_api(self) -> dict[str, Any]:

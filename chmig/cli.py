@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                               "instead of running the VM")
     receive.add_argument("--memory-mode", choices=["precopy", "postcopy"], default="precopy",
                          help="how the memory comes: precopy (before the VM runs here, the default) or postcopy "
-                              "(the VM runs at once and faults its pages in; the source must say so too)")
+                              "(the VM runs at once and faults its pages in; the source migrates by postcopy, or hybrid: precopy first)")
     receive.add_argument("--prefetch", metavar="SIZE|page|off",
                          help="postcopy: pull the pages no fault asked for in ranges of SIZE (256K..2M, default "
                               "1M); page = one page per idle loop (Cloud Hypervisor's way); off = no pull")

@@ -56,6 +56,9 @@ MADV_DONTNEED = 4
 #: Free the pages *and their backing store* of a shared mapping (a hole in the memfd): plain DONTNEED would only
 #: unmap them, and the next access would find the old page in the page cache.
 MADV_REMOVE = 9
+#: No transparent huge pages here: a 4 KiB page received would otherwise fill a whole 2 MiB huge page, whose other
+#: pages would then count as present (as received) without having come.
+MADV_NOHUGEPAGE = 15
 
 
 @dataclass(frozen=True)
@@ -451,12 +454,14 @@ class GuestMemory:
         with self.view(gpa, len(data)) as v:
             v[:] = data
 
-    def populated_table(self) -> MemoryRangeTable:
+    def populated_table(self, strict: bool = False) -> MemoryRangeTable:
         """Every page that was ever written: iteration 0 sends only these.
 
         memfds: ``SEEK_DATA``/``SEEK_HOLE`` skip the holes.  Anonymous memory:
         ``/proc/self/pagemap`` tells which pages are present or swapped out
-        (never-touched pages read as zero).
+        (never-touched pages read as zero).  An unreadable pagemap means "all
+        of it" (sending too much is safe) — unless ``strict``, where it is an
+        error (a hybrid destination must never take a page for present).
         """
         table = MemoryRangeTable()
         for region in self.regions:
@@ -464,7 +469,7 @@ class GuestMemory:
                 # Every backing file holds the slot at its file_offset, whether the zone's or the slot's own.
                 spans = data_spans(region.fd, region.mapping.file_offset, region.size)
             else:
-                spans = _resident_spans(region.host_address, region.size)
+                spans = _resident_spans(region.host_address, region.size, strict)
             for offset, length in spans:
                 table.append(MemoryRange(region.gpa + offset, length))
         return table
@@ -482,6 +487,12 @@ class GuestMemory:
         start = address & ~(PAGE_SIZE - 1)
         if _libc.madvise(start, address + length - start, MADV_POPULATE_WRITE) != 0:
             log.debug("MADV_POPULATE_WRITE failed at gpa %#x: %s", gpa, os.strerror(ctypes.get_errno()))
+
+    def no_huge_pages(self) -> None:
+        """``MADV_NOHUGEPAGE`` on all of guest RAM (a postcopy or hybrid destination, before any page arrives)."""
+        for region in self.regions:
+            if _libc.madvise(region.host_address, region.size, MADV_NOHUGEPAGE) != 0:
+                log.debug("MADV_NOHUGEPAGE failed at gpa %#x: %s", region.gpa, os.strerror(ctypes.get_errno()))
 
     def discard(self, rng: MemoryRange) -> None:
         """Drop the pages of ``rng`` (page aligned, inside guest RAM): afterwards they are missing, as if never
@@ -511,7 +522,7 @@ def host_available_memory() -> int | None:
     return None
 
 
-def _resident_spans(address: int, size: int) -> list[tuple[int, int]]:
+def _resident_spans(address: int, size: int, strict: bool = False) -> list[tuple[int, int]]:
     """The pages of anonymous memory that were ever touched: present in RAM *or swapped out*.
 
     ``/proc/self/pagemap`` has one u64 per page whose bit 63 says "present"
@@ -530,9 +541,13 @@ def _resident_spans(address: int, size: int) -> list[tuple[int, int]]:
                     break
                 raw += chunk
     except OSError as exc:
+        if strict:
+            raise VmError(f"cannot read /proc/self/pagemap: {exc.strerror or exc}", where="populated pages") from None
         log.debug("pagemap unreadable (%s): sending all pages", exc)
         return [(0, size)]
     if len(raw) < pages * 8:
+        if strict:
+            raise VmError("/proc/self/pagemap is shorter than guest RAM", where="populated pages")
         return [(0, size)]
     # The top byte of each little-endian entry holds bits 56..63: 0xC0 = present or swapped.
     touched = bytes(raw[7::8]).translate(_TOUCHED)

@@ -482,7 +482,7 @@ class PostcopyPager:
         if self.memory_arrived:
             # Pages that came before State (hybrid precopy→postcopy) never fault.  Only then: an unreadable
             # pagemap reads as "all present", which must never make an empty VM whole.
-            for rng in self.memory.populated_table():
+            for rng in self.memory.populated_table(strict=True):
                 for gpa, length in self.memory.split(rng):
                     self.present.mark(gpa, length)
         self.stats.pages_present_at_start = self.present.present

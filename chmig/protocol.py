@@ -452,6 +452,20 @@ class MemoryRangeTable:
         self._unpack()
         self.ranges.extend(other)
 
+    def merged(self) -> MemoryRangeTable:
+        """The same pages, each once: ranges sorted and overlapping or touching ones joined (two dirty-log reads
+        joined into one Discard must not name a page twice)."""
+        out: list[MemoryRange] = []
+        for rng in sorted(self.ranges):
+            if not rng.length:
+                continue
+            if out and rng.gpa <= out[-1].end:
+                if rng.end > out[-1].end:
+                    out[-1] = MemoryRange(out[-1].gpa, rng.end - out[-1].gpa)
+            else:
+                out.append(rng)
+        return MemoryRangeTable(out)
+
     def _unpack(self) -> None:
         """A received (packed) table becomes a plain list before it is changed."""
         if isinstance(self.ranges, PackedRanges):
@@ -685,9 +699,10 @@ def next_receiver_state(state: ReceiverState, command: Command, version: int = N
         ) from None
 
 
-def accepted_next(state: ReceiverState) -> list[Command]:
-    """The commands the receiver accepts in ``state`` (besides Abandon), in the table's order."""
-    return [command for (from_state, command) in RECEIVER_TRANSITIONS if from_state is state]
+def accepted_next(state: ReceiverState, version: int = NEWEST_PROTOCOL_VERSION) -> list[Command]:
+    """The commands the receiver accepts in ``state`` of a migration that speaks ``version`` (besides Abandon)."""
+    return [command for (from_state, command) in RECEIVER_TRANSITIONS
+            if from_state is state and COMMAND_SINCE_VERSION.get(command, 0) <= version]
 
 
 #: What each command is for, in one sentence: the walkthrough and ``trace show`` narrate each request with it,
@@ -965,6 +980,8 @@ class SlotMapping(NamedTuple):
 #: Commands the snapshot daemon refuses although the receiver table allows them, and why.
 OFFLOAD_SNAPSHOT_REFUSED: dict[Command, str] = {
     _C.MEMORY: "the offload daemon takes guest memory only as MemoryFds (send-migration ...,local=on)",
+    _C.DISCARD: "a snapshot takes the memory it was given (MemoryFds): nothing to discard (no hybrid migration to a "
+                "daemon)",
 }
 
 _U64_MAX = (1 << 64) - 1

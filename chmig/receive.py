@@ -464,6 +464,9 @@ class Receiver:
         self.acceptor.start()
         if self.memory_mode == "postcopy":
             self.stats.mode = "postcopy"
+            # Which pages are here is read from the kernel at State (a hybrid source sends some first): a huge
+            # page filled around one received page must not make its other 511 look received.
+            vm.memory.no_huge_pages()
 
     def on_memory(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *Memory* on the main connection (single-connection precopy)."""
@@ -480,6 +483,8 @@ class Receiver:
             raise ProtocolError("this destination receives by precopy, and a hybrid migration switching to "
                                 "postcopy needs one that receives by postcopy (memory_mode=postcopy)",
                                 where="Discard")
+        if self.destination.mode == "local":  # the pages are the source's own memfds: never drop them
+            raise ProtocolError("a local migration (MemoryFd) has nothing to discard", where="Discard")
         assert self.memory is not None and incoming.table is not None
         p.check_discard_table(incoming.table)
         for rng in incoming.table:
@@ -512,9 +517,9 @@ class Receiver:
             if faults:
                 for fault in faults:
                     fault.close()
-                raise ProtocolError("the source opened a Fault connection: it migrates by postcopy, but this "
-                                    "destination receives by precopy (memory_mode=postcopy on both sides)",
-                                    where="State")
+                raise ProtocolError("the source opened a Fault connection: it migrates by postcopy (or hybrid), "
+                                    "but this destination receives by precopy (receive with memory_mode=postcopy: "
+                                    "it takes a postcopy or a hybrid source)", where="State")
             self.destination.restore(incoming.payload, ready=self._ready_to_restore)
             self.on_event("restored", None)
             return

@@ -69,7 +69,7 @@ VERBS: tuple[Verb, ...] = (
                              "ch-remote has no such verb)", "PUT", "vm.cancel-migration"),
     Verb("delete", "Delete a VM", "PUT", "vm.delete"),
     Verb("info", "Info on the VM", "GET", "vm.info"),
-    Verb("migration-start-postcopy", "Switch the hybrid migration in progress to postcopy now (chmig's own "
+    Verb("migration-start-postcopy", "Switch the hybrid migration in progress to postcopy after the iteration in flight (chmig's own "
                                      "verb, after QEMU's migrate-start-postcopy)", "PUT",
          "vm.migration-start-postcopy"),
     Verb("pause", "Pause the VM", "PUT", "vm.pause"),

@@ -314,8 +314,11 @@ class Sender:
         self.limits = limits
         #: Version 0 (Cloud Hypervisor's) unless the migration needs a newer command (hybrid: Discard).
         self.machine = p.SourceMachine(version=1 if options.memory_mode == "hybrid" else p.PROTOCOL_VERSION)
-        #: Hybrid: an operator asked to switch to postcopy now (``vm.migration-start-postcopy``).
+        #: Hybrid: an operator asked to switch to postcopy (``vm.migration-start-postcopy``): at the end of the
+        #: iteration in flight.  ``_precopy_over`` (under ``_phase_lock``) says why such a request is too late.
         self._switch_requested = threading.Event()
+        self._phase_lock = threading.Lock()
+        self._precopy_over: str | None = None
         self.was_running = vm.state == VmState.RUNNING
         self.paused_by_us = False
         #: Complete (or CompletePaused) went out: the point of no return (see :meth:`_roll_back`).
@@ -441,7 +444,14 @@ class Sender:
         state = json_bytes(vm.capture_state())
         self.stats.state_capture_ms = _ms_since(capture_begin)
         send_begin = time.monotonic()
-        self._request_ok(p.Request.state(len(state)), state)
+        try:
+            self._request_ok(p.Request.state(len(state)), state)
+        except PeerError as exc:
+            if self.options.memory_mode != "hybrid":
+                raise
+            raise MigrationError(f"the destination refused State ({exc.message}): one that receives by precopy "
+                                 "refuses the Fault connections a hybrid migration opens — receive with "
+                                 "memory_mode=postcopy; otherwise see the destination's log", where="State") from exc
         self.stats.send_state_ms = _ms_since(send_begin)
         complete_begin = time.monotonic()
         complete = p.Request.complete() if self.was_running else p.Request.complete_paused()
@@ -499,10 +509,20 @@ class Sender:
         if self.options.memory_mode != "hybrid":
             raise VmError(f"the migration in progress is {self.options.memory_mode}, not hybrid: only "
                           "memory_mode=hybrid can switch to postcopy")
-        if self.fault_server is not None or self.complete_sent:
-            raise VmError("the migration has already left precopy")
-        log.info("hybrid: an operator asked to switch to postcopy")
-        self._switch_requested.set()
+        with self._phase_lock:
+            if self._precopy_over is not None:
+                raise VmError(f"too late to switch: precopy has {self._precopy_over}")
+            log.info("hybrid: an operator asked to switch to postcopy (at the end of the iteration in flight)")
+            self._switch_requested.set()
+
+    def _end_precopy(self, how: str) -> bool:
+        """Precopy's iterations end (``converged``, ``switched to postcopy``); False if an operator's switch came
+        first (then it is honoured)."""
+        with self._phase_lock:
+            if how != "switched to postcopy" and self._switch_requested.is_set():
+                return False
+            self._precopy_over = how
+            return True
 
     def _serve_postcopy(self, server: FaultServer) -> None:
         """After Complete: the destination runs the VM and pulls its memory from here until it closes every
@@ -588,11 +608,16 @@ class Sender:
             last_log_read = begin
             estimated = table.total_bytes / bandwidth if bandwidth else None
             if self._switch_requested.is_set():  # an operator's switch wins, converging or not
+                self._end_precopy("switched to postcopy")
                 return self._switch(table, "operator")
             if self._converged(table, estimated):
-                break
+                if self._end_precopy("converged"):
+                    break
+                self._end_precopy("switched to postcopy")
+                return self._switch(table, "operator")
             reason = self._switch_reason()
             if reason is not None:
+                self._end_precopy("switched to postcopy")
                 return self._switch(table, reason)
             transfer_begin = time.monotonic()
             self._progress("precopy", number, table, dirty_rate, estimated)
@@ -643,6 +668,7 @@ class Sender:
         switch_begin = time.monotonic()
         stale = self.vm.dirty_table()
         stale.extend(unsent)
+        stale = stale.merged()  # two dirty-log reads: a page written before and after the second is named once
         self.vm.stop_dirty_log()
         self.memory_sender.close()  # the destination's memory connections end before State
         self.stats.switched_by = reason
@@ -659,13 +685,18 @@ class Sender:
         for first in range(0, max(len(ranges), 1), most):  # an empty table too: the destination learns of it
             chunk = p.MemoryRangeTable(ranges[first:first + most])
             self.machine.check_send(p.Command.DISCARD)
+            # The destination drops the pages one range at a time while the VM is paused: give it time per range.
+            self.channel.set_timeout(self.limits.paused_response_timeout_s + len(chunk) * DISCARD_S_PER_RANGE)
             try:
                 self.channel.send_discard(chunk)
             except PeerError as exc:
-                raise MigrationError(f"the destination refused Discard ({exc.message}): a hybrid migration needs "
-                                     "a destination that receives by postcopy (chmig receive --memory-mode postcopy,"
-                                     " or receive-migration ...,memory_mode=postcopy)", where="Discard") from exc
+                raise MigrationError(f"the destination refused Discard ({exc.message}): a destination that receives "
+                                     "by precopy refuses it — a hybrid migration needs one that receives by postcopy "
+                                     "(chmig receive --memory-mode postcopy, or receive-migration "
+                                     "...,memory_mode=postcopy); otherwise see the destination's log",
+                                     where="Discard") from exc
             self.machine.acknowledged(p.Command.DISCARD)
+        self.channel.set_timeout(self.limits.paused_response_timeout_s)
         self.stats.final_iteration_ms = _ms_since(switch_begin)
         return stale
 
@@ -753,6 +784,11 @@ class Sender:
             self.vm.resume()
             self.on_event("resumed", None)
         log.warning("migration failed, the VM stays here (%s): %s", self.vm.state, exc)
+
+
+#: The destination drops discarded pages one range at a time (an madvise each) while the VM is paused: the
+#: answer to a Discard may take this much longer per range than an answer's usual bound.
+DISCARD_S_PER_RANGE = 20e-6
 
 
 def json_bytes(document: dict) -> bytes:

@@ -640,7 +640,7 @@ class Narrator:
             elif self.state in p.FINAL_STATES:
                 self._explain(f"Ok: the receiver is {self.state.value}; the migration is over.")
             else:
-                accepted = _either([c.wire_name for c in p.accepted_next(self.state)])
+                accepted = _either([c.wire_name for c in p.accepted_next(self.state, self.version)])
                 self._explain(f"Ok: the receiver is {self.state.value} now and accepts {accepted} next "
                               "(or Abandon).")
             return
