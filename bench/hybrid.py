@@ -51,7 +51,10 @@ class Mode:
 
 
 class HybridConfig(bp.Config):
-    """Hybrid: a postcopy destination (the chain waits until whole), a hybrid send."""
+    """Hybrid: a postcopy destination, a hybrid send (it answers once the destination has every page)."""
+
+    def receive_args(self) -> list[str]:
+        return ["--memory-mode", "postcopy"]
 
     def body(self) -> dict:
         return {"memory_mode": "hybrid", "downtime_ms": 300, "timeout_s": TIMEOUT_S}
@@ -61,13 +64,13 @@ MODES = (
     Mode("precopy", bp.Config("precopy", "precopy, downtime_ms=300", mode="precopy"),
          {"timeout_s": TIMEOUT_S, "timeout_strategy": "ignore"}),
     Mode("postcopy", bp.Config("postcopy", "postcopy, prefetch 1M, 2 Fault conns"), {}),
-    Mode("hybrid", HybridConfig("hybrid", "hybrid, downtime_ms=300, timeout_s=20"), {}),
+    Mode("hybrid", HybridConfig("hybrid", "hybrid, downtime_ms=300, timeout_s=20", mode="hybrid"), {}),
 )
 
 
 def measure(chain: bp.Chain, mode: Mode, label: str) -> dict:
     hop = chain.hop(mode.config, label, **mode.extra)
-    src, pc = hop.src, hop.pc
+    src, pc = hop.src, hop.pc  # (pc: {} for a precopy, or a hybrid that converged)
     return {
         "total_s": src["total_time_ms"] / 1000,
         "downtime_ms": src["downtime_ms"],

@@ -283,6 +283,8 @@ class Receiver:
         self._cancelled = threading.Event()
         self._cancel_lock = threading.Lock()
         self._completing = False
+        #: A hybrid source switched to postcopy (Discard came): its Fault connections follow.
+        self._switched = False
 
     @property
     def vm(self) -> Vm | None:
@@ -498,6 +500,7 @@ class Receiver:
             self.memory.discard(rng)
         self.stats.mode = "hybrid"
         self.stats.pages_discarded = (self.stats.pages_discarded or 0) + incoming.table.total_bytes // p.PAGE_SIZE
+        self._switched = True
 
     def on_state(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *State*: every worker is done; restore vCPUs and devices, VM paused.
@@ -506,14 +509,18 @@ class Receiver:
         first) and register guest RAM with userfaultfd; after the restore the
         pager's threads start (they may pull while the VM is still paused).
         """
-        faults = self._take_fault_connections() if self.memory_mode == "postcopy" else []
+        # A version-1 (hybrid) source switches to postcopy with Discard; without one its memory came by precopy.
+        postcopy = self.memory_mode == "postcopy" and (self.machine.version == p.PROTOCOL_VERSION or self._switched)
+        faults = self._take_fault_connections() if postcopy else []
         self._finish_workers()
         if self.workers is not None and self.workers.errors:
             for fault in faults:
                 fault.close()
             raise MigrationError(f"an additional connection failed: {self.workers.errors[0]}", where="State")
         faults += self._queued_fault_connections()
-        if self.memory_mode != "postcopy":
+        if not postcopy:
+            if self.memory_mode == "postcopy":  # a hybrid source whose precopy converged
+                self.stats.mode = "hybrid"
             if faults:
                 for fault in faults:
                     fault.close()

@@ -437,8 +437,8 @@ class Sender:
                 raise MigrationError("the migration was cancelled", where="send")
             self.memory_sender.open()
             discarded = self._precopy()
-            if self.options.memory_mode == "hybrid":  # converged (nothing discarded) or switched
-                self._open_fault_server(discarded if discarded is not None else p.MemoryRangeTable())
+            if discarded is not None:  # hybrid switched: the rest comes by postcopy (converged: all came already)
+                self._open_fault_server(discarded)
         self._enter("state")
         capture_begin = time.monotonic()
         state = json_bytes(vm.capture_state())
