@@ -381,9 +381,12 @@ def _local(walk: Walk) -> bool:
     return walk.prove(destination, rounds)
 
 
-def _postcopy(walk: Walk) -> bool:
+def _postcopy(walk: Walk, options: dict[str, Any] | None = None,
+              after_first_iteration: Callable[[Any], None] | None = None) -> bool:
+    """Postcopy (or, with ``options``, a hybrid migration) to a destination that receives by postcopy."""
     source, destination, _, rounds = _between_vmms(walk, "loopback TCP", "tcp:127.0.0.1:0",
-                                                   {"memory_mode": "Postcopy"}, memory_mode="postcopy")
+                                                   options or {"memory_mode": "Postcopy"}, memory_mode="postcopy",
+                                                   after_first_iteration=after_first_iteration)
     pager = destination.postcopy
     if pager is not None and not pager.done.wait(WAIT_S):
         raise MigrationError("postcopy did not bring every page in", where="walkthrough")
@@ -396,19 +399,10 @@ def _postcopy(walk: Walk) -> bool:
 def _hybrid(walk: Walk) -> bool:
     def operator_switches(source: Any) -> None:
         walk.narrator.note("operator: vm.migration-start-postcopy (chmig remote migration-start-postcopy): switch "
-                           "now, converged or not")
+                           "after this iteration, converged or not")
         source.start_postcopy()
 
-    source, destination, _, rounds = _between_vmms(walk, "loopback TCP", "tcp:127.0.0.1:0",
-                                                   {"memory_mode": "Hybrid"}, memory_mode="postcopy",
-                                                   after_first_iteration=operator_switches)
-    pager = destination.postcopy
-    if pager is not None and not pager.done.wait(WAIT_S):
-        raise MigrationError("postcopy did not bring every page in", where="walkthrough")
-    walk.statistics()
-    walk.say(f"   {source.migration.summary()}")
-    walk.say(f"   {destination.migration.summary()}")
-    return walk.prove(destination, rounds)
+    return _postcopy(walk, {"memory_mode": "Hybrid"}, after_first_iteration=operator_switches)
 
 
 def _offload_snapshot(walk: Walk) -> bool:

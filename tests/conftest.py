@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Callable, Iterator
 
 import pytest
 
@@ -73,3 +74,23 @@ def receive_through_api(vmm: VmmProcess, socket_path: Path) -> BackgroundCall:
     call = BackgroundCall(vmm, "PUT", "vm.receive-migration", {"receiver_url": f"unix:{socket_path}"})
     call.wait_for_file(socket_path)
     return call
+
+
+#: The throttled link of the convergence tests: slower than a guest rewriting all of its memory.
+SLOW_LINK = 64 << 20
+
+
+@pytest.fixture
+def slow_link() -> Iterator[Callable[[str], str]]:
+    """Put a throttled proxy (tests/proxy.py) in front of a destination URL."""
+    from .proxy import ThrottledProxy
+
+    proxies: list[ThrottledProxy] = []
+
+    def through(url: str) -> str:
+        proxies.append(ThrottledProxy(url, SLOW_LINK))
+        return proxies[-1].url
+
+    yield through
+    for proxy in proxies:
+        proxy.close()

@@ -13,35 +13,18 @@ import struct
 import subprocess
 import sys
 import threading
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
 from chmig.apiclient import ApiError
 
 from .conftest import BackgroundCall, Processes, VmmProcess, requires_kvm
-from .proxy import ThrottledProxy
 
 pytestmark = [requires_kvm, pytest.mark.timeout(180)]
 
 #: A guest that rewrites all of its 64 MiB every round: faster than the link below.
 HEAVY = ("--cpus", "boot=2", "--memory", "size=64M", "--workload", "verify,dirty_percent=100")
-SLOW_LINK = 64 << 20
-
-
-@pytest.fixture
-def slow_link() -> Iterator[Callable[[str], str]]:
-    proxies: list[ThrottledProxy] = []
-
-    def through(url: str) -> str:
-        proxies.append(ThrottledProxy(url, SLOW_LINK))
-        return proxies[-1].url
-
-    yield through
-    for proxy in proxies:
-        proxy.close()
-
-
 def send(source: VmmProcess, url: str, **options: object) -> dict:
     return source.call("PUT", "vm.send-migration", {"destination_url": url, **options}, timeout=150)
 

@@ -10,12 +10,11 @@ import os
 import signal
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import pytest
 
 from chmig.apiclient import ApiError
-from .proxy import ThrottledProxy
 
 from .conftest import Processes, VmmProcess, receive_through_api, requires_kvm
 
@@ -172,23 +171,6 @@ def test_tls_migration_and_wrong_ca_refused(procs: Processes, tls_dirs: dict[str
 
 HEAVY = ("--cpus", "boot=2", "--memory", "size=64M", "--workload", "verify,dirty_percent=100")
 #: A link slower than the guest dirties memory (loopback is faster than any guest here).
-SLOW_LINK = 64 << 20
-
-
-@pytest.fixture
-def slow_link() -> Iterator[Callable[[str], str]]:
-    """Put a throttled proxy in front of a destination URL."""
-    proxies: list[ThrottledProxy] = []
-
-    def through(url: str) -> str:
-        proxies.append(ThrottledProxy(url, SLOW_LINK))
-        return proxies[-1].url
-
-    yield through
-    for proxy in proxies:
-        proxy.close()
-
-
 def test_no_convergence_with_cancel_keeps_the_source(procs: Processes, slow_link: Callable[[str], str]) -> None:
     source = procs.run(*HEAVY)
     source.wait_rounds(2)
