@@ -274,12 +274,7 @@ class Channel:
         written in steps of that size) and at the end — in batches, because a dirty table may hold a million
         one-page ranges and the send path must not pay a call per page.
         """
-        request = p.Request.memory(table.byte_length)
-        header = request.encode()
-        total = table.total_bytes
-        self._emit(SENT, "request", "Memory", request.length, _request_summary(request, table=table, total=total),
-                   header, total)
-        self.conn.write_all(header + table.encode())
+        self._send_table(p.Request.memory(table.byte_length), table)
         unreported = 0
         for rng in table:
             for gpa, length in memory.split(rng):
@@ -303,13 +298,16 @@ class Channel:
 
     def send_discard(self, table: p.MemoryRangeTable) -> None:
         """Protocol step *Discard* (version 1, sender): the table of stale pages; wait for Ok."""
-        request = p.Request.discard(table.byte_length)
+        self._send_table(p.Request.discard(table.byte_length), table)
+        self.expect_ok(p.Command.DISCARD)
+
+    def _send_table(self, request: p.Request, table: p.MemoryRangeTable) -> None:
+        """A Memory or Discard header and its range table, in one write (a Memory's data follows separately)."""
         header = request.encode()
         total = table.total_bytes
-        self._emit(SENT, "request", "Discard", request.length, _request_summary(request, table=table, total=total),
-                   header, total)
+        self._emit(SENT, "request", request.command.wire_name, request.length,
+                   _request_summary(request, table=table, total=total), header, total)
         self.conn.write_all(header + table.encode())
-        self.expect_ok(p.Command.DISCARD)
 
     def send_memory_fd(self, slot: int, fd: int) -> None:
         """Protocol step *MemoryFd* (local migration): the slot number with its memfd as SCM_RIGHTS; wait for Ok."""

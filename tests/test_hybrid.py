@@ -20,6 +20,7 @@ import pytest
 from chmig.apiclient import ApiError
 
 from .conftest import BackgroundCall, Processes, VmmProcess, requires_kvm
+from .wire import recv_exact
 
 pytestmark = [requires_kvm, pytest.mark.timeout(180)]
 
@@ -144,12 +145,9 @@ class VersionZeroReceiver:
     def _serve(self) -> None:
         conn, _ = self.listener.accept()
         with conn:
-            header = b""
-            while len(header) < 16:
-                chunk = conn.recv(16 - len(header))
-                if not chunk:
-                    return
-                header += chunk
+            header = recv_exact(conn, 16)
+            if header is None:
+                return
             command, headers, _length = struct.unpack("<H6sQ", header)
             version = int.from_bytes(headers[:2], "little")
             self.versions.append(version)

@@ -48,6 +48,7 @@ from chmig.transport import Connection
 
 from .conftest import BackgroundCall, Processes, VmmProcess, requires_kvm
 from .faultproxy import Action, Fault, FaultProxy, Point
+from .wire import recv_exact
 
 pytestmark = [requires_kvm, pytest.mark.timeout(240)]
 
@@ -378,17 +379,6 @@ FAKE_RAM = 8 * MiB
 def page_pattern(gpa: int, length: int) -> bytes:
     """What the well-behaved fake source answers: every page filled with its gpa as u64."""
     return b"".join(struct.pack("<Q", page) * (PAGE_SIZE // 8) for page in range(gpa, gpa + length, PAGE_SIZE))
-
-
-def recv_exact(sock: socket.socket, count: int) -> bytes | None:
-    """``count`` bytes, or None when the peer closed first."""
-    data = bytearray()
-    while len(data) < count:
-        chunk = sock.recv(count - len(data))
-        if not chunk:
-            return None
-        data += chunk
-    return bytes(data)
 
 
 def read_page_fault(sock: socket.socket) -> tuple[int, int] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 
 from chmig.memory import GuestRamMapping, ZoneConfig, layout
 from chmig.vm import VmConfig
@@ -20,3 +21,14 @@ def config_payload(zones: list[ZoneConfig] | None = None, mappings: list[GuestRa
     if cpuid is not None:
         document["common_cpuid"] = cpuid
     return json.dumps(document).encode()
+
+
+def recv_exact(sock: socket.socket, count: int) -> bytes | None:
+    """``count`` bytes, or None when the peer closed first."""
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return bytes(data)
