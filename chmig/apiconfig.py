@@ -117,7 +117,9 @@ SEND_MIGRATION_SYNTAX = (
     'tls_dir=<path>,memory_mode=precopy|postcopy]"'
     ' (chmig extensions: "[,fault_connections=<amount>]", 1-16 Fault connections with memory_mode=postcopy or'
     ' hybrid; "memory_mode=hybrid[,postcopy_after_s=<seconds>]", precopy that switches to postcopy when it does not'
-    " converge by timeout_s or postcopy_after_s, or when asked: migration-start-postcopy)"
+    " converge by timeout_s or postcopy_after_s, or when asked: migration-start-postcopy;"
+    ' "postcopy_recovery_s=<seconds>", how long a postcopy or hybrid source reconnects when every Fault connection'
+    " broke: 60 for hybrid, off (0) for postcopy unless given)"
 )
 #: ``VmReceiveMigrationData::SYNTAX``, then chmig's extension key and the keys it refuses.  The bare
 #: ``<receiver_url>`` form is in CH's text but refused by CH's parser, and so by chmig's.
@@ -125,7 +127,9 @@ RECEIVE_MIGRATION_SYNTAX = (
     'VM receive migration parameters "<receiver_url>" or "receiver_url=<url>[,tls_dir=<path>]'
     "[,memory_mode=precopy|postcopy][,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>][,iommufd_fd=<fd>]"
     '[,zone_updates=[<id@host_numa_node>]]"'
-    ' (chmig extension: "[,prefetch=<size>|page|off]", the background pull with memory_mode=postcopy;'
+    ' (chmig extensions: "[,prefetch=<size>|page|off]", the background pull with memory_mode=postcopy;'
+    ' "[,postcopy_recovery_s=<seconds>]", how long a postcopy destination waits for its source to reconnect'
+    " (default 60, 0: off);"
     " chmig refuses vfio_fds, iommufd_fd and zone_updates, and needs receiver_url=<url>)"
 )
 #: ``RestoreConfig::SYNTAX`` (line breaks and all), then the keys chmig refuses.
@@ -186,6 +190,7 @@ SEND_MIGRATION_FIELDS: dict[str, type] = {
     "memory_mode": str,
     "fault_connections": int,
     "postcopy_after_s": int,
+    "postcopy_recovery_s": int,
     "trace": str,
 }
 #: ``VmReceiveMigrationData`` as JSON, in CH's declaration order, plus chmig's ``prefetch`` and ``trace``.
@@ -197,6 +202,7 @@ RECEIVE_MIGRATION_FIELDS: dict[str, type] = {
     "iommufd_fd": int,
     "zone_updates": list,
     "prefetch": str,
+    "postcopy_recovery_s": int,
     "trace": str,
 }
 #: ``RestoreConfig`` as JSON, in CH's declaration order.
@@ -334,6 +340,18 @@ def _check_trace(trace: str | None, where: str | None) -> None:
                          f"{_show_key(trace)}", where=where)
 
 
+def _check_recovery_s(seconds: int, where: str | None) -> None:
+    """chmig's ``postcopy_recovery_s``: 0 (off) up to ``max_recovery_s`` (a recovering destination's vCPUs wait
+    that long)."""
+    most = int(p.DEFAULT_LIMITS.max_recovery_s)
+    if not 0 <= seconds <= most:
+        raise UsageError(f"postcopy_recovery_s must be 0 (off) to {most} seconds, got {seconds}", where=where)
+
+
+#: How long a postcopy recovery may take by default, on both sides (QEMU's postcopy-recover has no deadline;
+#: a deadline keeps a destination whose source is gone for good from waiting forever).
+DEFAULT_POSTCOPY_RECOVERY_S = 60
+
 _CANCEL, _IGNORE = "cancel", "ignore"
 _PRECOPY, _POSTCOPY = "precopy", "postcopy"
 _TIMEOUT_VARIANTS = ("Cancel", "Ignore")
@@ -372,6 +390,10 @@ class SendOptions:
     #: ``memory_mode=hybrid`` (a chmig extension): switch to postcopy once precopy has run this long without
     #: converging (None: only at ``timeout_s``, or when an operator asks).
     postcopy_after_s: int | None = None
+    #: Postcopy recovery (a chmig extension, protocol version 1): how long the source keeps reconnecting when
+    #: every Fault connection broke.  None: 60 s for hybrid, off for postcopy (which then stays version 0,
+    #: Cloud Hypervisor's wire); 0: off.  See :attr:`recovery_s`.
+    postcopy_recovery_s: int | None = None
     #: chmig's extension (JSON only, from ``chmig remote send-migration --trace FILE``): the absolute path the
     #: VMM writes every message of this migration to.  None: no trace.
     trace: str | None = None
@@ -383,7 +405,8 @@ class SendOptions:
         """``VmSendMigrationData::parse``: CH's option string (see :data:`SEND_MIGRATION_SYNTAX`), validated."""
         parser = OptionParser(what).add_all(
             ("destination_url", "local", "preserve_source", "downtime_ms", "timeout_s", "timeout_strategy",
-             "connections", "tls_dir", "memory_mode", "fault_connections", "postcopy_after_s"))
+             "connections", "tls_dir", "memory_mode", "fault_connections", "postcopy_after_s",
+             "postcopy_recovery_s"))
         parser.parse(text)
         destination_url = parser.get("destination_url")
         if destination_url is None:
@@ -415,6 +438,10 @@ class SendOptions:
         if after is not None:
             options.postcopy_after_s = after
             given.add("postcopy_after_s")
+        recovery = parser.integer("postcopy_recovery_s")
+        if recovery is not None:
+            options.postcopy_recovery_s = recovery
+            given.add("postcopy_recovery_s")
         options.extensions_given = frozenset(given)
         options.validate(what)
         return options
@@ -431,7 +458,7 @@ class SendOptions:
             raise JsonBodyError(f"field 'connections' is out of range (1..{U32_MAX})", where=where)
         options = cls(body["destination_url"])
         for name in ("local", "preserve_source", "downtime_ms", "timeout_s", "connections", "tls_dir",
-                     "fault_connections", "postcopy_after_s", "trace"):
+                     "fault_connections", "postcopy_after_s", "postcopy_recovery_s", "trace"):
             if body.get(name) is not None:
                 setattr(options, name, body[name])
         if "timeout_strategy" in body:
@@ -439,8 +466,8 @@ class SendOptions:
                                                     _TIMEOUT_VARIANTS, where)
         if "memory_mode" in body:
             options.memory_mode = enum_variant(body["memory_mode"], "memory_mode", _SEND_MODE_VARIANTS, where)
-        options.extensions_given = frozenset(name for name in ("fault_connections", "postcopy_after_s")
-                                             if name in body)
+        options.extensions_given = frozenset(name for name in ("fault_connections", "postcopy_after_s",
+                                                               "postcopy_recovery_s") if name in body)
         options.validate(where)
         return options
 
@@ -492,7 +519,26 @@ class SendOptions:
                 raise UsageError("postcopy_after_s (a chmig extension) is only for memory_mode=hybrid", where=where)
             if self.postcopy_after_s <= 0:
                 raise UsageError("postcopy_after_s must be a positive number of seconds", where=where)
+        if self.postcopy_recovery_s is not None:
+            if self.memory_mode not in (_POSTCOPY, _HYBRID):
+                raise UsageError("postcopy_recovery_s (a chmig extension) is only for memory_mode=postcopy or "
+                                 "hybrid", where=where)
+            _check_recovery_s(self.postcopy_recovery_s, where)
         _check_trace(self.trace, where)
+
+    @property
+    def recovery_s(self) -> int:
+        """How long the source reconnects after every Fault connection broke (0: it does not; the migration
+        then speaks version 0 unless hybrid)."""
+        if self.postcopy_recovery_s is not None:
+            return self.postcopy_recovery_s
+        return DEFAULT_POSTCOPY_RECOVERY_S if self.memory_mode == _HYBRID else 0
+
+    @property
+    def protocol_version(self) -> int:
+        """Version 0 (Cloud Hypervisor's) unless this migration needs version 1: hybrid (Discard), or postcopy
+        that recovers (the token)."""
+        return 1 if self.memory_mode == _HYBRID or self.recovery_s else p.PROTOCOL_VERSION
 
     def to_api(self) -> dict[str, Any]:
         """serde's JSON of ``VmSendMigrationData``: every field in order; ``fault_connections`` and ``trace``
@@ -512,6 +558,8 @@ class SendOptions:
             body["fault_connections"] = self.fault_connections
         if self.postcopy_after_s is not None:
             body["postcopy_after_s"] = self.postcopy_after_s
+        if self.postcopy_recovery_s is not None:
+            body["postcopy_recovery_s"] = self.postcopy_recovery_s
         if self.trace is not None:
             body["trace"] = self.trace
         return body
@@ -544,6 +592,10 @@ class ReceiveOptions:
     #: Postcopy (a chmig extension): how the pages no fault asked for are pulled (``page``, ``off`` or a size,
     #: 256K..2M).  None: not given (the default pull).
     prefetch: str | None = None
+    #: Postcopy recovery (a chmig extension): how long a postcopy destination waits, its vCPUs blocked, for a
+    #: source whose Fault connections all broke to reconnect (None: 60 s; 0: it fails at once, as Cloud
+    #: Hypervisor's does).  Only a version-1 source (it agreed a token at Start) can reconnect.
+    postcopy_recovery_s: int | None = None
     #: chmig's extension (JSON only, from ``--trace FILE``): the absolute path the VMM writes every message of
     #: this migration to, until the VM is whole.  None: no trace.
     trace: str | None = None
@@ -557,6 +609,7 @@ class ReceiveOptions:
         for key, why in _RECEIVE_UNUSABLE.items():
             parser.add_unsupported(key, reason=why)
         parser.add("prefetch")
+        parser.add("postcopy_recovery_s")
         try:
             parser.parse(text)
         except OptionError as exc:
@@ -571,7 +624,7 @@ class ReceiveOptions:
         options = cls(receiver_url, tls_dir=parser.string("tls_dir"),
                       memory_mode=_from_str(parser.get("memory_mode"), "memory_mode", (_PRECOPY, _POSTCOPY),
                                             what) or _PRECOPY,
-                      prefetch=parser.get("prefetch"))
+                      prefetch=parser.get("prefetch"), postcopy_recovery_s=parser.integer("postcopy_recovery_s"))
         options.validate(what)
         return options
 
@@ -584,7 +637,7 @@ class ReceiveOptions:
         body = check_fields(body, RECEIVE_MIGRATION_FIELDS, required=("receiver_url",), nullable=NULLABLE_FIELDS,
                             where=where)
         options = cls(body["receiver_url"], tls_dir=body.get("tls_dir"), prefetch=body.get("prefetch"),
-                      trace=body.get("trace"))
+                      trace=body.get("trace"), postcopy_recovery_s=body.get("postcopy_recovery_s"))
         if "memory_mode" in body:
             options.memory_mode = enum_variant(body["memory_mode"], "memory_mode", _MODE_VARIANTS, where)
         options.validate(where)
@@ -601,6 +654,11 @@ class ReceiveOptions:
             raise UsageError(f"memory_mode must be precopy or postcopy, got {self.memory_mode!r}", where=where)
         if self.prefetch is not None and mode != _POSTCOPY:
             raise UsageError("prefetch (a chmig extension) is only for memory_mode=postcopy", where=where)
+        if self.postcopy_recovery_s is not None:
+            if mode != _POSTCOPY:
+                raise UsageError("postcopy_recovery_s (a chmig extension) is only for memory_mode=postcopy",
+                                 where=where)
+            _check_recovery_s(self.postcopy_recovery_s, where)
         try:
             self.pull()
         except UsageError as exc:
@@ -620,9 +678,16 @@ class ReceiveOptions:
         }
         if self.prefetch is not None:
             body["prefetch"] = self.prefetch
+        if self.postcopy_recovery_s is not None:
+            body["postcopy_recovery_s"] = self.postcopy_recovery_s
         if self.trace is not None:
             body["trace"] = self.trace
         return body
+
+    @property
+    def recovery_s(self) -> int:
+        """How long this destination waits for a broken postcopy's source to reconnect (0: not at all)."""
+        return DEFAULT_POSTCOPY_RECOVERY_S if self.postcopy_recovery_s is None else self.postcopy_recovery_s
 
     def pull(self) -> Prefetch:
         """The postcopy pull these options ask for."""

@@ -172,7 +172,8 @@ def _request_summary(request: p.Request, payload: bytes = b"", table: p.MemoryRa
     million ranges is worth doing once)."""
     command = request.command
     if command is p.Command.START:
-        return f"protocol version {request.sender_version}"
+        token = ", migration token" if request.length else ""
+        return f"protocol version {request.sender_version}{token}"
     if command in (p.Command.MEMORY, p.Command.DISCARD) and table is not None:
         if not table:
             return "empty table"
@@ -236,6 +237,14 @@ class Channel:
         wire = role.encode()
         self._emit(SENT, "role", role.wire_name, 0, "", wire)
         self.conn.write_all(wire)
+
+    def send_recovery(self, hello: p.RecoveryHello) -> None:
+        """Version 1: announce a FaultRecovery connection and prove the migration's token, in one write."""
+        wire = p.ConnectionRole.FAULT_RECOVERY.encode()
+        # The token is the migration's secret: traces and logs get the attempt, never the token.
+        self._emit(SENT, "role", p.ConnectionRole.FAULT_RECOVERY.wire_name, p.RECOVERY_HELLO_SIZE,
+                   f"attempt {hello.attempt}, token", wire)
+        self.conn.write_all(wire + hello.encode())
 
     def send_request(self, request: p.Request, payload: bytes = b"") -> None:
         """One request and its payload (Config/State JSON; never guest memory) in one write."""
@@ -360,6 +369,15 @@ class Channel:
             self.name = naming(role)
         self._emit(RECEIVED, "role", role.wire_name, 0, "", wire)
         return role
+
+    def read_recovery_hello(self, timeout: float) -> p.RecoveryHello:
+        """Version 1: the token and attempt a FaultRecovery connection sends after its role, within ``timeout``."""
+        self.conn.set_timeout(timeout)
+        try:
+            hello = p.RecoveryHello.decode(self.conn.read_exact(p.RECOVERY_HELLO_SIZE, what="recovery hello"))
+        finally:
+            self.conn.set_timeout(self.stall_timeout)
+        return hello  # (the role's message stands for both: the token never goes to a trace)
 
     def read_request(self, admit: Callable[[p.Request], object],
                      idle_timeout: float | None = None) -> IncomingRequest:

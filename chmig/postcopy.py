@@ -88,7 +88,7 @@ from typing import Any, Protocol, Sequence
 
 from . import protocol as p
 from .channel import Channel
-from .errors import ChmigError, PostcopyError, ProtocolError, StuckThreadError, UffdError, UsageError
+from .errors import ChmigError, PostcopyError, ProtocolError, StuckThreadError, TransportError, UffdError, UsageError
 from .memory import GuestMemory
 from .options import parse_size
 from .threads import ThreadGroup
@@ -265,6 +265,10 @@ class PostcopyStats:
     #: before that — e.g. behind a pull range on a single connection — is not seen).  The fault latencies are
     #: measured the same way.
     blocktime_ms: float = 0.0
+    #: Every postcopy recovery (protocol version 1): on the destination ``attempt``, ``cause``,
+    #: ``began_after_ms``, ``duration_ms`` and ``pages_rerequested`` (faults and pull ranges that were in flight
+    #: on the broken connections, asked again); on the source ``attempt``, ``cause`` and ``duration_ms``.
+    recoveries: list[dict[str, Any]] = field(default_factory=list)
     #: The migration's statistics, whose ``total_bytes`` grows with every page brought in.
     counts_bytes_into: Any = field(default=None, repr=False)
     _latencies_us: list[float] = field(default_factory=list, repr=False)
@@ -311,6 +315,11 @@ class PostcopyStats:
         return {"p50": round(percentile(values, 0.50), 1), "p90": round(percentile(values, 0.90), 1),
                 "p99": round(percentile(values, 0.99), 1), "max": round(most, 1)}
 
+    def recovered(self, **recovery: Any) -> None:
+        """One recovery ended (the source reconnected)."""
+        with self._lock:
+            self.recoveries.append(recovery)
+
     def became_whole(self) -> None:
         self.whole_after_ms = round((time.monotonic() - self._begin) * 1000, 3)
         self.status = "whole"
@@ -318,6 +327,7 @@ class PostcopyStats:
     def to_json(self) -> dict[str, Any]:
         with self._lock:
             data = {k: v for k, v in self.__dict__.items() if not k.startswith("_") and k != "counts_bytes_into"}
+            data["recoveries"] = [dict(recovery) for recovery in self.recoveries]
         data["blocktime_ms"] = round(self.blocktime_ms, 3)
         if self.role == "destination":
             data["fault_latency_us"] = self.latency_us()
@@ -380,6 +390,17 @@ def _names_its_connection(source: PageSource | None, exc: BaseException) -> bool
     return isinstance(source, Channel) and not isinstance(exc, PostcopyError)
 
 
+class SourceLost(PostcopyError):
+    """A Fault connection broke (closed, reset, silent too long) — not a source that broke the protocol.  With
+    recovery (protocol version 1) the pager then waits for the source to reconnect."""
+
+
+def connection_broke(exc: BaseException) -> bool:
+    """Did a Fault connection break, as a cut link breaks it (what recovery is for)?  A source that answered
+    Error or sent what the protocol forbids did not: that fails postcopy at once."""
+    return isinstance(exc, (SourceLost, TransportError))
+
+
 #: What the fault thread watches for on an idle Fault connection: the source said something, or went away.
 _PEER_SPOKE = select.POLLIN | select.POLLRDHUP
 
@@ -393,10 +414,10 @@ def _unasked(channel: Channel, events: int) -> PostcopyError | None:
     except (BlockingIOError, InterruptedError):
         return None
     except OSError as exc:
-        return PostcopyError(f"the source's end of {channel.name} failed: {exc.strerror} (did it fail?)",
-                             where="postcopy")
+        return SourceLost(f"the source's end of {channel.name} failed: {exc.strerror} (did it fail?)",
+                          where="postcopy")
     if not peeked:
-        return PostcopyError(f"the source closed {channel.name} (did it fail?)", where="postcopy")
+        return SourceLost(f"the source closed {channel.name} (did it fail?)", where="postcopy")
     return PostcopyError(f"the source sent bytes on {channel.name} that nobody asked for", where="postcopy")
 
 
@@ -418,14 +439,24 @@ class PostcopyPager:
     Life: :meth:`register` (before State is restored), :meth:`start` (threads),
     then the owner waits in :meth:`wait` until the VM is whole or postcopy
     failed, and calls :meth:`close`.
+
+    Recovery (``recovery_s`` > 0, protocol version 1): when a Fault connection
+    breaks (:func:`connection_broke`), the fault thread resets every connection
+    of the source's current attempt and waits up to ``recovery_s`` for the
+    source to reconnect (:meth:`arrive`, from the listener kept for it); the
+    vCPUs that fault meanwhile stay blocked in the kernel.  The first
+    connection of the newer attempt resolves the faults that were in flight
+    (:attr:`_unresolved`), the others pull; the pull starts over from the first
+    missing page.  Only the fault thread adopts connections and ends attempts.
     """
 
     def __init__(self, memory: GuestMemory, sources: Sequence[PageSource], prefetch: Prefetch = Prefetch(),
                  limits: p.Limits = p.DEFAULT_LIMITS, stats: PostcopyStats | None = None, *,
-                 shared_with_source: bool = False, memory_arrived: bool = False) -> None:
+                 shared_with_source: bool = False, memory_arrived: bool = False, recovery_s: float = 0.0) -> None:
         """``shared_with_source``: the shared zones' memfds came from the peer (MemoryFd), which may answer a
         PageFault by writing the page into them (length 0; MINOR mode, ``UFFDIO_CONTINUE``).
-        ``memory_arrived``: some pages came before State (hybrid): find out which are present."""
+        ``memory_arrived``: some pages came before State (hybrid): find out which are present.
+        ``recovery_s``: how long to wait for a source whose connections broke to reconnect (0: fail at once)."""
         if not sources:
             raise PostcopyError("postcopy needs at least one page source (a Fault connection)", where="postcopy")
         self.memory = memory
@@ -459,6 +490,23 @@ class PostcopyPager:
         spans = sorted((r.host_address, r.size, r.gpa, r.zone.config.shared) for r in memory.regions)
         self._host_starts = [span[0] for span in spans]
         self._spans = spans
+        self.recovery_s = recovery_s
+        #: The connections of the source's current attempt (0: the first ones; a recovery's are 1, 2, …).
+        self._live: list[PageSource] = list(self.sources)
+        self._attempt = 0
+        #: Recovery connections handed over by the listener (:meth:`arrive`), with their attempt; the fault thread
+        #: takes them (``_arrival_fd``).  A pull thread whose connection broke says so the same way (``_lost``).
+        self._arrivals: list[tuple[int, Channel]] = []
+        self._lost: str | None = None
+        self._arrival_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        #: The fault thread's pages not resolved yet: (host page, waiting vCPUs, minor); asked again after a
+        #: recovery.  Only the fault thread touches it.
+        self._unresolved: list[tuple[int, int, bool]] = []
+        self._unresolved_read_at = 0.0
+        #: Pages of the pull ranges in flight, per source (re-requested if their connection breaks).
+        self._pulling: dict[int, int] = {}
+        #: Whatever keeps the listener for recovering sources (closed with the pager).
+        self.recovery_listener: Any = None
 
     # -- set-up --------------------------------------------------------------------------------
 
@@ -533,48 +581,203 @@ class PostcopyPager:
     # -- the threads ---------------------------------------------------------------------------
 
     def _fault_loop(self, source: PageSource, pull_too: bool) -> None:
-        """The fault thread: resolve every guest fault through ``source``; with one connection, pull between."""
+        """The fault thread: resolve every guest fault through ``source``; with one connection, pull between.
+
+        With recovery, a broken connection makes it wait for the source's next attempt and go on over that.
+        """
+        # Sized for a pull range whatever ``pull_too`` says: after a recovery this may be the only connection.
+        buffer = _PageBuffer(self.prefetch.range_bytes)
+        current: PageSource | None = source
+        try:
+            while current is not None:
+                try:
+                    self._serve_faults(current, buffer, pull_too)
+                    return
+                except BaseException as exc:
+                    if not (self.recovery_s and isinstance(current, Channel) and connection_broke(exc)):
+                        raise
+                    recovered = self._recover(exc)
+                    if recovered is None:  # stopped meanwhile
+                        return
+                    current, pull_too = recovered
+        except BaseException as exc:  # the pager fails; its owner stops the VM
+            self._fail(exc, current)
+
+    def _serve_faults(self, source: PageSource, buffer: _PageBuffer, pull_too: bool) -> None:
+        """Resolve faults over ``source`` (first those a broken connection left unresolved) until the VM is whole
+        or the pager stops; raise when ``source`` or another connection of its attempt broke."""
         assert self.uffd is not None
-        buffer = _PageBuffer(self.prefetch.range_bytes if pull_too else PAGE_SIZE)
         poller = select.poll()
         poller.register(self.uffd.fileno(), select.POLLIN)
         poller.register(self._stop_fd, select.POLLIN)
         poller.register(self._idle_fd, select.POLLIN)
+        poller.register(self._arrival_fd, select.POLLIN)
         # Fault connections with no request in flight: the source must stay silent on them, so anything
         # readable there means it closed (it died) or broke the protocol.  This is how a dead source is
         # noticed while the guest does not fault and nothing is pulled.
         idle: dict[int, Channel] = {}
         pulling = pull_too
+        if self._unresolved:  # a recovery: the faults that were in flight are asked again first
+            self._resolve_unresolved(source, buffer)
+        for idle_source in [source, *self._idle_sources(take=True)]:
+            self._watch_idle(poller, idle, idle_source)
+        while not self.done.is_set():
+            # Poll without waiting while there is something to pull, so faults still go first.
+            ready = dict(poller.poll(0 if pulling else None))
+            if ready.get(self._stop_fd):
+                return
+            if ready.get(self._arrival_fd):
+                os.eventfd_read(self._arrival_fd)
+                if self._lost is not None:
+                    raise SourceLost(self._lost, where="postcopy")
+                self._adopt_more(source)
+            if ready.get(self._idle_fd):
+                os.eventfd_read(self._idle_fd)
+                for idle_source in self._idle_sources(take=True):
+                    self._watch_idle(poller, idle, idle_source)
+            for fd, idle_source in list(idle.items()):
+                if ready.get(fd):
+                    problem = _unasked(idle_source, ready[fd])
+                    if problem is not None:
+                        raise problem
+                    # Readable with nothing there: do not spin on it (the requests on it still fail
+                    # cleanly if the source is gone).
+                    log.warning("postcopy: %s polled readable (events %#x) with nothing to read: no longer "
+                                "watched", idle_source.name, ready[fd])
+                    poller.unregister(fd)
+                    del idle[fd]
+            faults = self.uffd.read_faults()
+            if faults:
+                self._resolve(source, buffer, faults, time.monotonic())
+            elif pulling:
+                pulling = self._pull_one(source, buffer)
+
+    # -- recovery (protocol version 1) -----------------------------------------------------------
+
+    def arrive(self, attempt: int, channel: Channel) -> None:
+        """A FaultRecovery connection whose token was right (from the listener's thread): the fault thread
+        adopts it if its attempt is the newest."""
+        channel.set_timeout(self.limits.fault_response_timeout_s)
+        with self._cursor_lock:
+            if not self.done.is_set():
+                self._arrivals.append((attempt, channel))
+                channel = None  # type: ignore[assignment]
+        if channel is not None:
+            log.info("postcopy: %s came after the end; closed", channel.name)
+            channel.close()
+            return
+        os.eventfd_write(self._arrival_fd, 1)
+
+    def _take_arrivals(self) -> list[tuple[int, Channel]]:
+        with self._cursor_lock:
+            arrivals, self._arrivals = self._arrivals, []
+        return arrivals
+
+    def _adopt_more(self, urgent: PageSource) -> None:
+        """Arrivals while connections work: more of the current attempt pull; a newer attempt means the source
+        found its connections broken before this side did (it replaced them all): recover now."""
+        arrivals = self._take_arrivals()
+        newest = max((attempt for attempt, _ in arrivals), default=0)
+        if newest > self._attempt:
+            with self._cursor_lock:
+                self._arrivals[:0] = arrivals  # for _recover to adopt
+            os.eventfd_write(self._arrival_fd, 1)
+            raise SourceLost(f"the source reconnected (attempt {newest}): it found its connections broken",
+                             where="postcopy")
+        for attempt, channel in arrivals:
+            if attempt < self._attempt:
+                log.info("postcopy: %s belongs to an older attempt (%d); closed", channel.name, attempt)
+                channel.close()
+            else:
+                self._add_puller(channel)
+
+    def _add_puller(self, channel: Channel) -> None:
+        """One more connection of the current attempt: it pulls (or, with no pull, is only watched)."""
+        if self.prefetch.strategy == PAGE:  # Cloud Hypervisor's strategy: one connection
+            log.info("postcopy: %s not needed (prefetch=page uses one connection); closed", channel.name)
+            channel.close()
+            return
+        with self._cursor_lock:
+            self._live.append(channel)
+            self.sources.append(channel)
+        if self.prefetch.strategy == OFF:
+            self._hand_to_fault_thread(channel)
+            return
         try:
-            for idle_source in [source, *self._idle_sources(take=True)]:
-                self._watch_idle(poller, idle, idle_source)
-            while not self.done.is_set():
-                # Poll without waiting while there is something to pull, so faults still go first.
-                ready = dict(poller.poll(0 if pulling else None))
-                if ready.get(self._stop_fd):
-                    return
-                if ready.get(self._idle_fd):
-                    os.eventfd_read(self._idle_fd)
-                    for idle_source in self._idle_sources(take=True):
-                        self._watch_idle(poller, idle, idle_source)
-                for fd, idle_source in list(idle.items()):
-                    if ready.get(fd):
-                        problem = _unasked(idle_source, ready[fd])
-                        if problem is not None:
-                            raise problem
-                        # Readable with nothing there: do not spin on it (the requests on it still fail
-                        # cleanly if the source is gone).
-                        log.warning("postcopy: %s polled readable (events %#x) with nothing to read: no longer "
-                                    "watched", idle_source.name, ready[fd])
-                        poller.unregister(fd)
-                        del idle[fd]
-                faults = self.uffd.read_faults()
-                if faults:
-                    self._resolve(source, buffer, faults, time.monotonic())
-                elif pulling:
-                    pulling = self._pull_one(source, buffer)
-        except BaseException as exc:  # the pager fails; its owner stops the VM
-            self._fail(exc, source)
+            self.threads.start(f"postcopy-pull-{channel.name}", self._pull_loop, channel, stopper=channel.reset)
+        except RuntimeError:  # stopping: close() resets and closes it with the others
+            pass
+
+    def _recover(self, exc: BaseException) -> tuple[Channel, bool] | None:
+        """Every connection of the current attempt is given up; wait (at most ``recovery_s``) for the source's
+        next attempt.  Returns its first connection (urgent faults) and whether it must pull too, or None if the
+        pager was stopped meanwhile; raises PostcopyError at the deadline."""
+        with self._cursor_lock:
+            broken, self._live = self._live, []
+            self._lost = None
+            self._cursor = 0  # the pull ranges in flight are missing still: walk from the start again
+            rerequested = len(self._unresolved) + sum(self._pulling.values())
+            self._pulling.clear()
+        for source in broken:
+            source.reset()  # the source's end breaks too: it reconnects all of them, as one attempt
+        began = time.monotonic()
+        cause = exc.message if isinstance(exc, ChmigError) else repr(exc)
+        self.stats.status = "recovering"
+        log.warning("postcopy: %s; waiting up to %g s for the source to reconnect (postcopy_recovery_s), %d "
+                    "page(s) to ask again; faulting vCPUs wait", cause, self.recovery_s, rerequested)
+        poller = select.poll()
+        poller.register(self._stop_fd, select.POLLIN)
+        poller.register(self._arrival_fd, select.POLLIN)
+        deadline = began + self.recovery_s
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise PostcopyError(f"{cause}, and the source did not reconnect within {self.recovery_s:g} s "
+                                    "(postcopy_recovery_s)", where="postcopy")
+            ready = dict(poller.poll(remaining * 1000))
+            if ready.get(self._stop_fd) or self.done.is_set():
+                return None
+            if not ready.get(self._arrival_fd):
+                continue
+            os.eventfd_read(self._arrival_fd)
+            arrivals = self._take_arrivals()
+            newest = max((attempt for attempt, _ in arrivals), default=0)
+            for attempt, channel in arrivals:
+                if attempt < newest or attempt <= self._attempt:
+                    log.info("postcopy: %s belongs to an older attempt (%d); closed", channel.name, attempt)
+                    channel.close()
+            if newest <= self._attempt:
+                continue
+            first, *more = [channel for attempt, channel in arrivals if attempt == newest]
+            self._attempt = newest
+            with self._cursor_lock:
+                self._live = [first]
+                self.sources.append(first)
+            self.threads.add_stopper(first.reset)  # it serves the fault thread now, which stop() must wake
+            for channel in more:
+                self._add_puller(channel)
+            duration = time.monotonic() - began
+            self.stats.status = "pulling"
+            self.stats.recovered(attempt=newest, cause=cause,
+                                 began_after_ms=round((began - self.stats._begin) * 1000, 1),
+                                 duration_ms=round(duration * 1000, 1), pages_rerequested=rerequested)
+            log.info("postcopy: recovered over %s (attempt %d) after %.0f ms; asking again for %d page(s)",
+                     first.name, newest, duration * 1000, rerequested)
+            return first, not more and self.prefetch.strategy != OFF
+
+    def _connection_lost(self, source: PageSource, exc: BaseException) -> bool:
+        """A pull thread's connection broke: with recovery, tell the fault thread (True); the thread ends."""
+        if not (self.recovery_s and isinstance(source, Channel) and connection_broke(exc)):
+            return False
+        with self._cursor_lock:
+            current = source in self._live
+            if current and self._lost is None:
+                self._lost = f"{source.name}: {exc}"
+        if current:
+            os.eventfd_write(self._arrival_fd, 1)  # the fault thread looks at _lost when woken
+        else:
+            log.debug("postcopy: %s of an earlier attempt ended: %s", source.name, exc)
+        return True
 
     @staticmethod
     def _watch_idle(poller: select.poll, idle: dict[int, Channel], source: PageSource) -> None:
@@ -591,7 +794,8 @@ class PostcopyPager:
             while not self.done.is_set() and self._pull_one(source, buffer):
                 pass
         except BaseException as exc:
-            self._fail(exc, source)
+            if not self._connection_lost(source, exc):
+                self._fail(exc, source)
             return
         self._hand_to_fault_thread(source)
 
@@ -603,14 +807,14 @@ class PostcopyPager:
 
     def _idle_sources(self, take: bool) -> list[PageSource]:
         with self._cursor_lock:
-            sources = list(self._idle)
+            # A connection of an earlier attempt was reset on purpose: watching it would report it broken.
+            sources = [source for source in self._idle if source in self._live]
             if take:
                 self._idle.clear()
         return sources
 
     def _resolve(self, source: PageSource, buffer: _PageBuffer, faults: list[u.PageFault], read_at: float) -> None:
         """Resolve a batch of faults: each page once, however many vCPUs wait on it."""
-        assert self.uffd is not None
         waiting: dict[int, int] = {}
         minor: set[int] = set()
         for fault in faults:
@@ -618,13 +822,23 @@ class PostcopyPager:
             waiting[page] = waiting.get(page, 0) + 1
             if fault.minor:
                 minor.add(page)
-        for page, count in waiting.items():
+        # Resolved in order, and forgotten only once resolved: what a broken connection leaves is asked again.
+        self._unresolved = [(page, count, page in minor) for page, count in waiting.items()]
+        self._unresolved.reverse()
+        self._unresolved_read_at = read_at
+        self._resolve_unresolved(source, buffer)
+
+    def _resolve_unresolved(self, source: PageSource, buffer: _PageBuffer) -> None:
+        assert self.uffd is not None
+        read_at = self._unresolved_read_at
+        while self._unresolved:
+            page, count, is_minor = self._unresolved[-1]
             gpa, shared = self._locate(page)
-            if page in minor and self.present.is_present(gpa):
+            if is_minor and self.present.is_present(gpa):
                 # Ours already, and the kernel unmapped it: only map it again.  A wake alone would bring the
                 # same fault back.
                 self.uffd.continue_range(page, PAGE_SIZE)
-            elif page in minor:
+            elif is_minor:
                 # In the memfd's page cache, but not known to be whole: the peer may be writing it right now
                 # (through its own mapping the page is visible before its bytes are).  Ask the peer, whose
                 # answer comes once the page is written, then map it (_fetch: Ok with length 0, CONTINUE).
@@ -636,6 +850,7 @@ class PostcopyPager:
             else:
                 self.stats.count(faulted=self._fetch(source, buffer, p.MemoryRange(gpa, PAGE_SIZE), page, shared))
                 self._check_whole()
+            self._unresolved.pop()
             latency = time.monotonic() - read_at
             for _ in range(count):
                 self.stats.record_fault(latency)
@@ -647,8 +862,11 @@ class PostcopyPager:
             if found is None:
                 return False
             rng, self._cursor = found
+            self._pulling[id(source)] = rng.length // PAGE_SIZE
         host, shared = self._host_of(rng.gpa)
         self.stats.count(pulled=self._fetch(source, buffer, rng, host, shared))
+        with self._cursor_lock:
+            self._pulling.pop(id(source), None)
         self._check_whole()
         return True
 
@@ -735,6 +953,8 @@ class PostcopyPager:
         self._closed = True
         if not self.done.is_set():
             self.stop("postcopy was closed before it ended")
+        if self.recovery_listener is not None:  # no source reconnects to a pager that ended
+            self.recovery_listener.close()
         stuck: StuckThreadError | None = None
         # Whole: the threads end by themselves (the stop eventfd, nothing left to pull); their stoppers would
         # reset the connections, which tells the source something went wrong.
@@ -749,6 +969,8 @@ class PostcopyPager:
             source.close()
         for source in self.unused:
             source.close()
+        for _, channel in self._take_arrivals():
+            channel.close()
         self.memory.present = None if self.present.whole else self.present
         if self.uffd is not None:
             if self.present.whole:
@@ -760,5 +982,6 @@ class PostcopyPager:
             self.uffd.close()
         os.close(self._stop_fd)
         os.close(self._idle_fd)
+        os.close(self._arrival_fd)
         if stuck is not None:
             raise stuck

@@ -55,11 +55,23 @@ carry only Memory requests, in tables of at most 64 MiB; the main connection the
 carries control only.
 A postcopy Fault connection announces :attr:`ConnectionRole.FAULT` and carries
 PageFault requests from the destination to the source.
+
+Version 1 (chmig, beyond Cloud Hypervisor) adds the Discard command (a hybrid
+migration's switch to postcopy) and postcopy recovery: its Start carries a
+16-byte migration token, and when every Fault connection broke the source opens
+new ones that announce :attr:`ConnectionRole.FAULT_RECOVERY` and prove the token
+(:class:`RecoveryHello`) before they carry PageFault again::
+
+    Source                                   Destination (vCPUs wait on missing pages)
+      |--- role FaultRecovery, token, attempt ->|  wrong token: closed, nothing else
+      |<------------------ PageFault (again) ---|  the faults that were in flight
+      |--- Ok + bytes ------------------------->|
 """
 
 from __future__ import annotations
 
 import enum
+import hmac
 import struct
 from dataclasses import dataclass, field
 from typing import Any, Collection, Iterable, Iterator, NamedTuple, Sequence
@@ -85,6 +97,10 @@ SUPPORTED_VERSIONS = range(max(NEWEST_PROTOCOL_VERSION - 1, 0), NEWEST_PROTOCOL_
 HEADER_SIZE = 16
 MEMORY_RANGE_SIZE = 16
 ROLE_SIZE = 2
+#: Version 1: the migration token, Start's payload and the proof a recovering Fault connection brings.
+TOKEN_SIZE = 16
+#: Version 1: what follows the role of a FaultRecovery connection (:class:`RecoveryHello`).
+RECOVERY_HELLO_SIZE = TOKEN_SIZE + 8
 #: MemoryFd's payload: the u32 slot number (the fd itself travels as SCM_RIGHTS).
 MEMORY_FD_PAYLOAD_SIZE = 4
 
@@ -101,6 +117,7 @@ DEFAULT_FAULT_CONNECTIONS = 2
 _HEADER = struct.Struct("<H6sQ")
 _RANGE = struct.Struct("<QQ")
 _ROLE = struct.Struct("<H")
+_RECOVERY_HELLO = struct.Struct(f"<{TOKEN_SIZE}sI4x")
 _SLOT = struct.Struct("<I")
 _U64_MAX = (1 << 64) - 1
 
@@ -131,7 +148,9 @@ class Limits:
     fault_connection_wait_s: float = _limit(30.0, "wait of a postcopy destination for the source's Fault connection")
     max_fault_connections: int = _limit(16, "Fault connections a chmig source opens for postcopy (fault_connections=N)")
     fault_response_timeout_s: float = _limit(10.0, "postcopy destination: silence while waiting for a page (vCPUs "
-                                                   "wait meanwhile; then the migration has failed)")
+                                                   "wait meanwhile; then the connection counts as broken)")
+    max_recovery_s: float = _limit(3600.0, "longest postcopy_recovery_s either side accepts (a recovering "
+                                           "destination's vCPUs wait that long)")
     workers_finish_s: float = _limit(5.0, "wait at State for the memory connections to close (the source closed "
                                           "them before sending State; below paused_response_timeout_s)")
     first_request_timeout_s: float = _limit(10.0, "silence of a new main connection before its first request "
@@ -193,6 +212,8 @@ class ConnectionRole(enum.IntEnum):
     INVALID = 0
     PRECOPY_MEMORY = 1
     FAULT = 2
+    #: Protocol version 1: a Fault connection that replaces broken ones (:class:`RecoveryHello` follows).
+    FAULT_RECOVERY = 3
 
     @property
     def wire_name(self) -> str:
@@ -252,8 +273,9 @@ class Request:
     # The constructors Cloud Hypervisor's sender uses.
     @classmethod
     def start(cls, version: int = PROTOCOL_VERSION) -> Request:
-        """Start carries the sender's protocol version in ``command_headers[0:2]``."""
-        return cls(Command.START, 0, struct.pack("<H4x", version))
+        """Start carries the sender's protocol version in ``command_headers[0:2]``; from version 1 on, the
+        migration token follows as its payload (:func:`start_payload_size`)."""
+        return cls(Command.START, start_payload_size(version), struct.pack("<H4x", version))
 
     @classmethod
     def config(cls, length: int) -> Request:
@@ -673,8 +695,13 @@ COMMAND_SINCE_VERSION: dict[Command, int] = {
     _C.DISCARD: 1,
 }
 
-#: Commands whose request carries no payload: ``length`` must be 0.
-_NO_PAYLOAD = frozenset({_C.START, _C.COMPLETE, _C.COMPLETE_PAUSED, _C.ABANDON})
+#: Commands whose request carries no payload: ``length`` must be 0.  (Start's depends on the version.)
+_NO_PAYLOAD = frozenset({_C.COMPLETE, _C.COMPLETE_PAUSED, _C.ABANDON})
+
+
+def start_payload_size(version: int) -> int:
+    """Start's payload: none in version 0 (Cloud Hypervisor's); the 16-byte migration token from version 1 on."""
+    return TOKEN_SIZE if version >= 1 else 0
 
 
 def next_receiver_state(state: ReceiverState, command: Command, version: int = NEWEST_PROTOCOL_VERSION
@@ -744,7 +771,8 @@ OK_PAGE_IN_SHARED_MEMORY = ("length 0: the source wrote the page into the shared
 #: What each request's payload is, for the command table (``docs.py``).
 COMMAND_PAYLOAD: dict[Command, str] = {
     _C.INVALID: "—",
-    _C.START: "none; `command_headers[0:2]` = the sender's protocol version (0)",
+    _C.START: "`command_headers[0:2]` = the sender's protocol version; version 0: none, version 1: the 16-byte "
+              "migration token (random, kept secret; a FaultRecovery connection proves it)",
     _C.CONFIG: 'JSON `{"vm_config", "common_cpuid", "memory_manager_data": {"guest_ram_mappings": [...]}}`',
     _C.STATE: "JSON: vCPUs and devices",
     _C.MEMORY: "a MemoryRangeTable (`length` = 16·n), then the bytes of every range, uncounted",
@@ -782,6 +810,10 @@ def check_request_length(request: Request, limits: Limits = DEFAULT_LIMITS) -> N
     where = cmd.wire_name
     if cmd in _NO_PAYLOAD and length:
         raise ProtocolError(f"{where} carries no payload, but length is {length}", where=where)
+    if cmd is _C.START and length != start_payload_size(request.sender_version):
+        expected = start_payload_size(request.sender_version)
+        raise ProtocolError(f"Start of protocol version {request.sender_version} carries {expected} bytes "
+                            f"({'the migration token' if expected else 'none'}), but length is {length}", where=where)
     if cmd is _C.CONFIG and length > limits.max_config_bytes:
         raise ProtocolError(
             f"config of {length} bytes exceeds the limit of {limits.max_config_bytes}", where=where
@@ -828,9 +860,9 @@ class ReceiverMachine:
         """Validate ``request`` against the table and the limits; return the state it leads to."""
         try:
             target = next_receiver_state(self.state, request.command, self.version)
-            check_request_length(request, self.limits)
             if request.command is _C.START:
                 self.version = request.check_sender_version()
+            check_request_length(request, self.limits)
         except ProtocolError:
             self.fail()
             raise
@@ -902,6 +934,10 @@ class ConnectionRule:
     #: The only commands allowed on it; anything else is answered Error and ends the connection.
     commands: frozenset[Command]
     purpose: str
+    #: The protocol version the migration must speak for this role (a Start of an older one never allows it).
+    since_version: int = 0
+    #: What follows the role before the first request (:data:`RECOVERY_HELLO_SIZE` bytes, or nothing).
+    hello_size: int = 0
 
 
 #: Every kind of additional connection (``ReceiveAdditionalConnections`` in Cloud Hypervisor).
@@ -914,6 +950,12 @@ CONNECTION_RULES: dict[ConnectionRole, ConnectionRule] = {
     ConnectionRole.FAULT: ConnectionRule(
         ConnectionRole.FAULT, "fault", Side.DESTINATION, frozenset({_C.PAGE_FAULT}),
         "postcopy: the destination asks for pages, the source answers them; the destination closes it",
+    ),
+    ConnectionRole.FAULT_RECOVERY: ConnectionRule(
+        ConnectionRole.FAULT_RECOVERY, "recovery", Side.DESTINATION, frozenset({_C.PAGE_FAULT}),
+        "version 1, postcopy after every Fault connection broke: the role, then the migration token and the "
+        "attempt number (24 bytes); a wrong token is closed unanswered; then as a Fault connection",
+        since_version=1, hello_size=RECOVERY_HELLO_SIZE,
     ),
 }
 
@@ -939,6 +981,40 @@ def check_connection_request(role: ConnectionRole, request: Request, limits: Lim
             where=f"{rule.name} connection",
         )
     check_request_length(request, limits)
+
+
+class RecoveryHello(NamedTuple):
+    """Version 1: what a FaultRecovery connection says after its role — the migration's token (Start's payload)
+    and which attempt of the source it belongs to (1, 2, …: a newer attempt replaces every older connection)::
+
+        u8[16] token | u32 attempt | u8[4] zero
+    """
+
+    token: bytes
+    attempt: int
+
+    def encode(self) -> bytes:
+        if len(self.token) != TOKEN_SIZE:
+            raise InternalError(f"a migration token is {TOKEN_SIZE} bytes, not {len(self.token)}", where="recovery")
+        return _RECOVERY_HELLO.pack(self.token, self.attempt)
+
+    @classmethod
+    def decode(cls, data: bytes) -> RecoveryHello:
+        if len(data) != RECOVERY_HELLO_SIZE:
+            raise ProtocolError(f"a recovery hello is {RECOVERY_HELLO_SIZE} bytes, got {len(data)}", where="recovery")
+        token, attempt = _RECOVERY_HELLO.unpack(data)
+        if attempt == 0:
+            raise ProtocolError("recovery attempt 0 (the first attempt is 1)", where="recovery")
+        return cls(token, attempt)
+
+
+def check_recovery(hello: RecoveryHello, token: bytes | None) -> None:
+    """Does a FaultRecovery connection belong to this migration?  Only its token says so: compared in constant
+    time, and refused when the migration agreed none (a version-0 Start, or recovery switched off)."""
+    if token is None:
+        raise ProtocolError("this migration cannot recover (its Start agreed no token)", where="recovery")
+    if not hmac.compare_digest(hello.token, token):
+        raise ProtocolError("wrong migration token: not this migration's source", where="recovery")
 
 
 def check_response(command: Command, response: Response, requested: int = 0) -> None:
@@ -1103,8 +1179,9 @@ def connection_rules_table() -> str:
     ]
     for rule in CONNECTION_RULES.values():
         commands = ", ".join(sorted(c.wire_name for c in rule.commands))
-        rows.append(f"| `{rule.name}-N` | role {rule.role.wire_name} ({rule.role.value}) | {rule.requester.value} | "
-                    f"{commands} | {rule.purpose} |")
+        since = f", v{rule.since_version}" if rule.since_version else ""
+        rows.append(f"| `{rule.name}-N` | role {rule.role.wire_name} ({rule.role.value}{since}) | "
+                    f"{rule.requester.value} | {commands} | {rule.purpose} |")
     return "\n".join(rows)
 
 

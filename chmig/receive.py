@@ -196,6 +196,94 @@ class Acceptor:
         return f"{rule.name}-{index}"
 
 
+class RecoveryAcceptor:
+    """The listener a recoverable postcopy keeps after State (protocol version 1), owned by the pager.
+
+    A connection that announces FaultRecovery and proves the migration's token
+    (:func:`chmig.protocol.check_recovery`) within ``role_timeout_s`` goes to
+    ``arrive`` with its attempt; anything else — another role, a wrong token, a
+    silent or truncated hello — is closed unanswered with one log line and
+    changes nothing.  At most :data:`UNPROVEN_RECOVERY_CONNECTIONS` connections
+    are heard at once, so strangers cannot make it open threads without end.
+    """
+
+    def __init__(self, listener: Listener, token: bytes, arrive: Callable[[int, Channel], None],
+                 observers: Observers, limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+        self.listener = listener
+        self.token = token
+        self.arrive = arrive
+        self.observers = observers
+        self.limits = limits
+        self.threads = ThreadGroup("postcopy-recovery")
+        self._lock = threading.Lock()
+        self._unproven = 0
+        self._accepted = 0
+
+    def start(self) -> None:
+        self.threads.start("postcopy-recovery-accept", self._accept_loop, stopper=self.listener.abort)
+
+    def _accept_loop(self) -> None:
+        while True:
+            try:
+                conn = self.listener.accept()
+            except ListenerAborted:
+                return
+            except TransportError as exc:
+                log.warning("recovery connection refused: %s", exc)
+                continue
+            with self._lock:
+                if self._unproven >= UNPROVEN_RECOVERY_CONNECTIONS:
+                    log.warning("dropping %s: %d connections are already saying who they are",
+                                conn.peer, UNPROVEN_RECOVERY_CONNECTIONS)
+                    conn.close()
+                    continue
+                self._unproven += 1
+                number = self._accepted
+                self._accepted += 1
+            try:
+                self.threads.start(f"postcopy-recovery-conn-{number}", self._prove, conn, number,
+                                   stopper=conn.shutdown)
+            except RuntimeError:  # closing
+                conn.close()
+                return
+
+    def _prove(self, conn: Connection, number: int) -> None:
+        """Role FaultRecovery, then the right token: the connection goes to the pager; else it is closed."""
+        channel = Channel(conn, side=p.Side.DESTINATION, name="unannounced", observers=self.observers,
+                          limits=self.limits)
+        try:
+            role = channel.read_role(self.limits.role_timeout_s, naming=lambda role: f"recovery-{number}")
+            if role is not p.ConnectionRole.FAULT_RECOVERY:
+                raise ProtocolError(f"connection role {role.wire_name} is not expected after State (only "
+                                    f"{p.ConnectionRole.FAULT_RECOVERY.wire_name})", where="connection role")
+            hello = channel.read_recovery_hello(self.limits.role_timeout_s)
+            p.check_recovery(hello, self.token)
+            conn.set_nodelay()
+        except ChmigError as exc:
+            log.warning("refusing a recovery connection from %s: %s", conn.peer, exc.message)
+            conn.close()
+            return
+        finally:
+            self.threads.release(conn.shutdown)
+            with self._lock:
+                self._unproven -= 1
+        log.info("postcopy: %s from %s proved the migration's token (attempt %d)", channel.name, conn.peer,
+                 hello.attempt)
+        self.arrive(hello.attempt, channel)
+
+    def close(self) -> None:
+        """Stop listening (a source that reconnects now is refused) and join the threads."""
+        self.threads.stop()
+        try:
+            self.threads.join(timeout=10)
+        finally:
+            self.listener.close()
+
+
+#: Recovery connections heard at once, before they proved the token (a real source opens fault_connections).
+UNPROVEN_RECOVERY_CONNECTIONS = 8
+
+
 class MemoryWorkers:
     """The handler of ``PrecopyMemory`` connections: Memory requests straight into guest RAM."""
 
@@ -260,6 +348,9 @@ class Receiver:
     #: ``precopy`` or ``postcopy`` (both sides must agree, as in Cloud Hypervisor).
     memory_mode: str = "precopy"
     prefetch: Prefetch = field(default_factory=Prefetch)
+    #: Postcopy: how long to wait for a source whose Fault connections all broke (0: fail at once).  Only a
+    #: version-1 source can reconnect: its Start carried the token it proves then.
+    recovery_s: float = 0.0
     stats: MigrationStats = field(default_factory=lambda: MigrationStats(role="destination"))
     observers: Observers = field(default_factory=Observers)
     #: Cloud Hypervisor's ``vm`` events of the receive (the sender connected, the VM restored and resumed),
@@ -285,6 +376,8 @@ class Receiver:
         self._completing = False
         #: A hybrid source switched to postcopy (Discard came): its Fault connections follow.
         self._switched = False
+        #: The migration token of a version-1 Start (what a recovering source proves).
+        self.token: bytes | None = None
 
     @property
     def vm(self) -> Vm | None:
@@ -439,8 +532,10 @@ class Receiver:
     # -- the steps -----------------------------------------------------------------------------------
 
     def on_start(self, channel: Channel, incoming: IncomingRequest) -> None:
-        """Protocol step *Start*: the version was checked by the state machine."""
+        """Protocol step *Start*: the version (and the length of the token that comes with version 1) was checked
+        by the state machine."""
         log.debug("migration protocol version %d", incoming.request.sender_version)
+        self.token = incoming.payload or None
 
     def on_memory_fd(self, channel: Channel, incoming: IncomingRequest) -> None:
         """Protocol step *MemoryFd* (local migration): a slot number and its memfd."""
@@ -509,8 +604,10 @@ class Receiver:
         first) and register guest RAM with userfaultfd; after the restore the
         pager's threads start (they may pull while the VM is still paused).
         """
-        # A version-1 (hybrid) source switches to postcopy with Discard; without one its memory came by precopy.
-        postcopy = self.memory_mode == "postcopy" and (self.machine.version == p.PROTOCOL_VERSION or self._switched)
+        # A version-0 source receives by postcopy as this destination does.  A version-1 one may be hybrid: it
+        # switched (Discard) or opened its Fault connections (recoverable postcopy), or its precopy converged.
+        postcopy = self.memory_mode == "postcopy" and (self.machine.version == p.PROTOCOL_VERSION or self._switched
+                                                       or self._fault_connection_came())
         faults = self._take_fault_connections() if postcopy else []
         self._finish_workers()
         if self.workers is not None and self.workers.errors:
@@ -533,11 +630,20 @@ class Receiver:
         assert self.memory is not None
         if self.stats.total_bytes:  # precopy came first: a hybrid migration (whether it discarded or not)
             self.stats.mode = "hybrid"
+        recoverable = bool(self.recovery_s) and self.token is not None
         self.pager = PostcopyPager(self.memory, faults, self.prefetch, self.limits,
                                    PostcopyStats(role="destination", counts_bytes_into=self.stats),
                                    shared_with_source=self.destination.mode == "local",
-                                   memory_arrived=self.stats.total_bytes > 0)
+                                   memory_arrived=self.stats.total_bytes > 0,
+                                   recovery_s=self.recovery_s if recoverable else 0.0)
         self.stats.postcopy = self.pager.stats
+        if recoverable:
+            # The port stays open for the source's FaultRecovery connections until the VM is whole.
+            assert self.token is not None
+            acceptor = RecoveryAcceptor(self.listener.take_over(), self.token, self.pager.arrive, self.observers,
+                                        self.limits)
+            self.pager.recovery_listener = acceptor
+            acceptor.start()
         self.pager.register()
         # Faults are served before the restore: loading a real guest's state may touch its RAM (kvmclock).
         self.pager.start()
@@ -552,6 +658,12 @@ class Receiver:
         """Precopy's last check before the State is loaded; only then does the restore begin (its event)."""
         self._check_memory_arrived()
         self.on_event("restoring", None)
+
+    def _fault_connection_came(self) -> bool:
+        """Has the source opened a Fault connection (before State, as it does when it serves by postcopy)?"""
+        if self.acceptor is not None:
+            self.acceptor.settle(self.limits.workers_finish_s)
+        return not self.fault_connections.empty()
 
     def _take_fault_connections(self) -> list[Channel]:
         """Postcopy: the first Fault connection (at most ``fault_connection_wait_s``), then those queued with it."""

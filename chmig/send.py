@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import queue
+import secrets
 import threading
 import time
 
@@ -47,7 +48,7 @@ from .errors import (
 )
 from .events import EventHook, no_events
 from .memory import GuestMemory
-from .postcopy import PostcopyStats, PresentPages
+from .postcopy import PostcopyStats, PresentPages, connection_broke
 from .stats import Iteration, MigrationStats, Progress
 from .threads import ThreadGroup
 from .transport import connect
@@ -169,6 +170,12 @@ class MemorySender:
 # Postcopy: serving pages over Fault connections
 # ---------------------------------------------------------------------------------------------
 
+#: Postcopy recovery: TCP keepalive of a recoverable Fault connection (idle s, interval s, probes).
+RECOVERY_KEEPALIVE = (2, 1, 3)
+#: ... and the pause between reconnection attempts, doubling up to the most.
+RECONNECT_FIRST_DELAY_S = 0.2
+RECONNECT_MAX_DELAY_S = 1.0
+
 
 class PostcopyUnknown(PostcopyError):
     """Postcopy ended without telling whether the destination has every page (see :meth:`FaultServer.wait`)."""
@@ -188,11 +195,21 @@ class FaultServer:
     sockets close cleanly), so the source keeps a bitmap of the pages it
     served: connections that all closed while some page was never asked for
     are a failure, and the VM stays here.
+
+    Recovery (``token`` agreed at Start, ``options.recovery_s`` > 0): a
+    connection that *breaks* (reset, timed out — not a clean close) ends the
+    current attempt.  The thread that saw it first shuts the attempt's other
+    connections and opens ``fault_connections`` new ones as the next attempt
+    (role FaultRecovery, the token, the attempt number), retrying until
+    ``recovery_s`` has passed; the destination asks again for what it lacks.
     """
 
     def __init__(self, memory: GuestMemory, options: SendOptions, observers: Observers, stats: PostcopyStats,
-                 migration_stats: MigrationStats, limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+                 migration_stats: MigrationStats, limits: p.Limits = p.DEFAULT_LIMITS,
+                 token: bytes | None = None) -> None:
         self.memory = memory
+        #: The migration token of a version-1 Start; None: this postcopy cannot recover.
+        self.token = token if options.recovery_s else None
         self.migration_stats = migration_stats
         self.options = options
         self.observers = observers
@@ -206,6 +223,9 @@ class FaultServer:
         self._lock = threading.Lock()
         self._ended = threading.Condition(self._lock)
         self._running = 0
+        #: 0: the connections opened before State; each recovery's set is the next attempt.
+        self._attempt = 0
+        self._attempt_of: dict[int, int] = {}
 
     def already_there(self, sent: p.MemoryRangeTable, discarded: p.MemoryRangeTable) -> None:
         """Hybrid: the destination has every page precopy sent (``sent``: the source's populated pages) except
@@ -217,32 +237,67 @@ class FaultServer:
 
     def open(self) -> None:
         """Open the Fault connections (role Fault, TCP_NODELAY) and start serving each at once."""
-        tls = self.options.tls()
         try:
-            for n in range(self.options.fault_connections):
-                conn = connect(self.options.url, tls)
-                channel = Channel(conn, side=p.Side.SOURCE, name=f"fault-{n}", observers=self.observers,
-                                  limits=self.limits)
-                self.channels.append(channel)
-                self.threads.add_stopper(channel.shutdown)
-                channel.set_nodelay()
-                channel.send_role(p.ConnectionRole.FAULT)
-                # The destination may stay silent between requests for as long as it likes; inside one, not.
-                channel.stall_timeout = self.limits.stall_timeout_s
+            opened = self._connect_all(attempt=0)
             with self._lock:
-                self._running = len(self.channels)
-            for channel in self.channels:
+                self._running = len(opened)
+            for channel in opened:
                 self.threads.start(f"migrate-send-{channel.name}", self._serve, channel)
         except BaseException:
             self.close()
             raise
         self.stats.fault_connections = len(self.channels)
-        log.info("postcopy: serving pages over %d Fault connection(s)", len(self.channels))
+        log.info("postcopy: serving pages over %d Fault connection(s)%s", len(self.channels),
+                 f"; recoverable for {self.options.recovery_s} s" if self.token else "")
+
+    def _connect_all(self, attempt: int) -> list[Channel]:
+        """Open ``fault_connections`` connections of ``attempt``: role Fault first, FaultRecovery (the token, the
+        attempt) after a break.  All of them or none (a failure closes those already open)."""
+        tls = self.options.tls()
+        opened: list[Channel] = []
+        try:
+            for n in range(self.options.fault_connections):
+                conn = connect(self.options.url, tls, timeout=self.limits.paused_response_timeout_s)
+                name = f"fault-{n}" if attempt == 0 else f"recovery-{attempt}-{n}"
+                channel = Channel(conn, side=p.Side.SOURCE, name=name, observers=self.observers, limits=self.limits)
+                opened.append(channel)
+                channel.set_nodelay()
+                if self.token is not None:
+                    # A link that dies silently must break the connection in seconds, not after CH's 2 minutes.
+                    conn.set_keepalive(*RECOVERY_KEEPALIVE)
+                if attempt == 0:
+                    channel.send_role(p.ConnectionRole.FAULT)
+                else:
+                    assert self.token is not None
+                    channel.send_recovery(p.RecoveryHello(self.token, attempt))
+                # The destination may stay silent between requests for as long as it likes; inside one, not.
+                channel.stall_timeout = self.limits.stall_timeout_s
+        except BaseException:
+            for channel in opened:
+                channel.close()
+            raise
+        with self._lock:
+            for channel in opened:
+                self.channels.append(channel)
+                self._attempt_of[id(channel)] = attempt
+        for channel in opened:
+            self.threads.add_stopper(channel.shutdown)
+        return opened
 
     def _serve(self, channel: Channel) -> None:
         try:
-            served = channel.serve_page_faults(self.memory, on_served=self._count)
-            log.info("postcopy: the destination closed %s after %d pages", channel.name, served)
+            while True:
+                try:
+                    served = channel.serve_page_faults(self.memory, on_served=self._count)
+                    log.info("postcopy: the destination closed %s after %d pages", channel.name, served)
+                    return
+                except BaseException as exc:
+                    if not (self.token is not None and connection_broke(exc)) or self.threads.stopping.is_set():
+                        raise
+                    replacement = self._recover(channel, exc)
+                    if replacement is None:  # another thread recovers this attempt; this one is done
+                        return
+                    channel = replacement
         except BaseException as exc:  # reported by wait(); the other connections go on
             message = f"{channel.name}: {exc}"
             log.error("postcopy: %s", message)
@@ -253,6 +308,51 @@ class FaultServer:
             with self._lock:
                 self._running -= 1
                 self._ended.notify_all()
+
+    def _recover(self, broken: Channel, exc: BaseException) -> Channel | None:
+        """``broken`` broke: if it is of the current attempt, end that attempt (shut its other connections) and
+        connect the next one, retrying until ``recovery_s``; return this thread's new connection (the others get
+        threads of their own).  None: an earlier break already started the attempt that replaces it."""
+        with self._lock:
+            if self._attempt_of.get(id(broken)) != self._attempt:
+                return None
+            self._attempt += 1
+            siblings = [c for c in self.channels if self._attempt_of.get(id(c)) == self._attempt - 1]
+        for channel in siblings:
+            if channel is not broken:
+                channel.reset()  # its thread ends (an older attempt); the destination sees every one break
+        cause = exc.message if isinstance(exc, ChmigError) else repr(exc)
+        log.warning("postcopy: %s broke (%s); reconnecting for up to %d s (postcopy_recovery_s)", broken.name,
+                    cause, self.options.recovery_s)
+        began = time.monotonic()
+        deadline = began + self.options.recovery_s
+        delay = RECONNECT_FIRST_DELAY_S
+        while True:
+            with self._lock:
+                attempt = self._attempt
+            try:
+                first, *others = self._connect_all(attempt)
+                break
+            except ChmigError as failure:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PostcopyError(f"{broken.name} broke ({cause}), and reconnecting failed for "
+                                        f"{self.options.recovery_s} s (postcopy_recovery_s); last: {failure}",
+                                        where="postcopy") from None
+                log.info("postcopy: reconnecting (attempt %d) failed: %s; again in %.1f s", attempt, failure, delay)
+                if self.threads.stopping.wait(min(delay, remaining)):  # the last try comes at the deadline
+                    raise
+                delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
+                with self._lock:
+                    self._attempt += 1  # a half-made attempt must never mix with the next one
+        with self._lock:
+            self._running += len(others)
+        for channel in others:
+            self.threads.start(f"migrate-send-{channel.name}", self._serve, channel)
+        duration = time.monotonic() - began
+        self.stats.recovered(attempt=attempt, cause=cause, duration_ms=round(duration * 1000, 1))
+        log.info("postcopy: reconnected (attempt %d) after %.0f ms", attempt, duration * 1000)
+        return first
 
     def _count(self, page: p.MemoryRange) -> None:
         for gpa, length in self.memory.split(page):
@@ -312,8 +412,10 @@ class Sender:
         self.stats = stats
         self.observers = observers if observers is not None else Observers()
         self.limits = limits
-        #: Version 0 (Cloud Hypervisor's) unless the migration needs a newer command (hybrid: Discard).
-        self.machine = p.SourceMachine(version=1 if options.memory_mode == "hybrid" else p.PROTOCOL_VERSION)
+        #: Version 0 (Cloud Hypervisor's) unless the migration needs version 1 (hybrid's Discard, recovery).
+        self.machine = p.SourceMachine(version=options.protocol_version)
+        #: Version 1: the migration token, sent with Start; a recovering Fault connection proves it.
+        self.token = secrets.token_bytes(p.TOKEN_SIZE) if self.machine.version >= 1 else None
         #: Hybrid: an operator asked to switch to postcopy (``vm.migration-start-postcopy``): at the end of the
         #: iteration in flight.  ``_precopy_over`` (under ``_phase_lock``) says why such a request is too late.
         self._switch_requested = threading.Event()
@@ -404,17 +506,21 @@ class Sender:
         self.machine.acknowledged(request.command)
 
     def _start(self) -> None:
-        """Protocol step *Start*, with the version this migration needs (0 unless hybrid)."""
+        """Protocol step *Start*, with the version this migration needs (0 unless hybrid or recoverable postcopy)
+        and, from version 1 on, the migration token."""
         version = self.machine.version
         try:
-            self._request_ok(p.Request.start(version))
+            self._request_ok(p.Request.start(version), self.token or b"")
         except PeerError as exc:
             if version == p.PROTOCOL_VERSION:
                 raise
-            raise MigrationError(f"the destination refused protocol version {version}, which "
-                                 f"memory_mode={self.options.memory_mode} needs: it speaks only version "
-                                 f"{p.PROTOCOL_VERSION} (Cloud Hypervisor, or an older chmig) — migrate with "
-                                 "memory_mode=precopy or postcopy to it", where="Start") from exc
+            needs = ("memory_mode=hybrid" if self.options.memory_mode == "hybrid"
+                     else f"postcopy_recovery_s={self.options.recovery_s}")
+            instead = ("migrate with memory_mode=precopy or postcopy to it" if self.options.memory_mode == "hybrid"
+                       else "migrate without postcopy_recovery_s (or with 0) to it")
+            raise MigrationError(f"the destination refused protocol version {version}, which {needs} needs: it "
+                                 f"speaks only version {p.PROTOCOL_VERSION} (Cloud Hypervisor, or an older chmig) "
+                                 f"— {instead}", where="Start") from exc
 
     def _migrate(self) -> None:
         vm = self.vm
@@ -497,7 +603,7 @@ class Sender:
         """
         self.stats.postcopy = PostcopyStats(role="source", status="serving", strategy="", prefetch_bytes=0)
         self.fault_server = FaultServer(self.vm.memory, self.options, self.observers, self.stats.postcopy,
-                                        self.stats, self.limits)
+                                        self.stats, self.limits, token=self.token)
         if discarded is not None:
             self.fault_server.already_there(self.vm.memory.populated_table(), discarded)
         if self.cancelled:

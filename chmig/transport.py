@@ -728,6 +728,18 @@ class Connection:
         """
         self.socket.settimeout(seconds)
 
+    def set_keepalive(self, idle_s: int, interval_s: int, count: int) -> None:
+        """TCP keepalive tighter than Cloud Hypervisor's: a recoverable Fault connection whose peer vanished
+        (a link down, the other end's reset lost) must break in seconds, so that recovery can begin."""
+        if self._is_unix:
+            return
+        try:
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, idle_s)
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, interval_s)
+            self.socket.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, count)
+        except OSError as e:
+            raise TransportError(f"cannot set TCP keepalive: {e}", where=self._peer) from e
+
     def set_nodelay(self) -> None:
         """Disable Nagle for small request/response round trips (fault channel).
 
@@ -928,6 +940,27 @@ class Listener:
                 return
             os.eventfd_write(self._abort_fd, 1)
 
+    def take_over(self) -> Listener:
+        """A new owner keeps listening on this socket, with an abort of its own: this Listener is closed (its
+        accepts end, as after :meth:`close`) without closing the socket or removing its file.
+
+        Postcopy recovery needs this: the migration's acceptor is aborted at State
+        (sticky), but the destination keeps the port for a source that reconnects.
+        """
+        with self._state:
+            if self._closed:
+                raise ListenerAborted("listener is closed", where=str(self._address))
+            os.eventfd_write(self._abort_fd, 1)
+            self._closed = True
+            while self._active_accepts:
+                self._state.wait()
+        successor = Listener(self._sock, self._address, tls_context=self._tls_context,
+                             handshake_timeout=self._handshake_timeout, unix_inode=self._unix_inode)
+        self._sock = None  # type: ignore[assignment]  # the successor's now
+        self._unix_inode = None
+        os.close(self._abort_fd)
+        return successor
+
     def close(self) -> None:
         """Stop listening and remove the socket file we created; idempotent."""
         with self._state:
@@ -937,6 +970,8 @@ class Listener:
             self._closed = True
             while self._active_accepts:
                 self._state.wait()
+        if self._sock is None:  # handed to a successor (take_over)
+            return
         self._sock.close()
         os.close(self._abort_fd)
         if self._unix_inode is not None:

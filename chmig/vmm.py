@@ -416,6 +416,7 @@ class Vmm:
                 receiver = Receiver(listener, serial_spec=self.serial_spec, limits=self.limits,
                                     populate=options.populate, observers=self.observers,
                                     memory_mode=options.memory_mode, prefetch=options.pull(),
+                                    recovery_s=options.recovery_s,
                                     on_event=self._receive_event)
             except BaseException:
                 self._end_trace(trace)
@@ -752,7 +753,8 @@ def _receive(args: argparse.Namespace, events: EventMonitor) -> int:
     api_socket, api_socket_fd = _api_args(args)
     Serial(args.serial).close()  # a bad --serial is an error before anything listens
     options = ReceiveOptions(receiver_url=args.listen, tls_dir=args.tls_dir, memory_mode=args.memory_mode,
-                             prefetch=args.prefetch, trace=os.path.abspath(args.trace) if args.trace else None)
+                             prefetch=args.prefetch, trace=os.path.abspath(args.trace) if args.trace else None,
+                             postcopy_recovery_s=args.postcopy_recovery_s)
     options.validate()
     if options.trace is not None:
         from .trace import TraceWriter

@@ -1,7 +1,7 @@
-"""``python -m fuzz --cases N --seed S [--target wire|api|pagefault|pager|offload|all] [--inprocess|--process] [--only INDEX ...]``.
+"""``python -m fuzz --cases N --seed S [--target wire|api|pagefault|pager|recovery|offload|all] [--inprocess|--process] [--only INDEX ...]``.
 
 Dispatches to :func:`fuzz.wire.run`, ``fuzz.api.run``, :func:`fuzz.pagefault.run`, :func:`fuzz.pager.run` and
-:func:`fuzz.offload.run`;
+:func:`fuzz.recovery.run` and :func:`fuzz.offload.run`;
 each has the signature ``run(cases, seed, report) -> failures``.  The exit status is 1 if any case failed.
 """
 
@@ -23,12 +23,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m fuzz",
         description="Hostile-peer fuzzers: the migration wire (fuzz.wire), the API socket (fuzz.api), the "
-                    "source's PageFault server (fuzz.pagefault), the destination's postcopy pager (fuzz.pager) and the "
-                    "offload daemon (fuzz.offload).")
+                    "source's PageFault server (fuzz.pagefault), the destination's postcopy pager (fuzz.pager), "
+                    "postcopy recovery's listener (fuzz.recovery) and the offload daemon (fuzz.offload).")
     parser.add_argument("--cases", type=int, default=1000, help="cases per fuzzer (default 1000)")
     parser.add_argument("--seed", type=int, default=1, help="seed: a case is fixed by (seed, index)")
-    parser.add_argument("--target", choices=["wire", "api", "pagefault", "pager", "offload", "all"], default="all",
-                        help="which fuzzer (default all: wire, api, pagefault, pager, offload)")
+    parser.add_argument("--target", choices=["wire", "api", "pagefault", "pager", "recovery", "offload", "all"],
+                        default="all", help="which fuzzer (default all: wire, api, pagefault, pager, recovery, offload)")
     where = parser.add_mutually_exclusive_group()
     where.add_argument("--inprocess", dest="mode", action="store_const", const="inprocess",
                        help="wire: every case against an in-process Receiver")
@@ -37,7 +37,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--process-share", type=float, default=0.1,
                         help="wire, interleaved: share of cases run against a process (default 0.1)")
     parser.add_argument("--only", type=int, nargs="+", metavar="INDEX",
-                        help="wire, pagefault, pager, offload: run only these case indexes")
+                        help="wire, pagefault, pager, recovery, offload: run only these case indexes")
     parser.add_argument("--recording", type=Path,
                         help="wire: replay the recording saved in DIR (recorded and saved there if missing)")
     parser.add_argument("--bound", type=float, default=15.0,
@@ -73,6 +73,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         failures += pager.run(args.cases, args.seed, report, only=args.only, verbose=args.verbose)
         ran.append("pager")
+    if args.target in ("recovery", "all"):
+        from . import recovery
+
+        failures += recovery.run(args.cases, args.seed, report, only=args.only)
+        ran.append("recovery")
     if args.target in ("offload", "all"):
         from . import offload
 

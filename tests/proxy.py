@@ -11,6 +11,10 @@ class ThrottledProxy:
     Every accepted connection is relayed to ``target`` by two named threads, one
     per direction, each pacing itself to ``rate`` bytes per second.  ``close()``
     shuts every socket down, which ends the relay threads, and joins them.
+
+    ``cut(seconds)`` is a network cut: every connection is reset at both ends
+    (RST, as a router that lost its state answers), and for ``seconds`` every
+    new connection is reset as soon as it is accepted.
     """
 
     def __init__(self, target: str, rate: float) -> None:
@@ -27,6 +31,8 @@ class ThrottledProxy:
         self._sockets: list[socket.socket] = []
         self._threads: list[threading.Thread] = []
         self._closed = False
+        self._cut_until = 0.0
+        self._cutting: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._accepter = threading.Thread(target=self._accept, name="proxy-accept", daemon=True)
         self._accepter.start()
@@ -38,6 +44,9 @@ class ThrottledProxy:
         while not self._closed:
             try:
                 client, _ = self._listener.accept()
+                if time.monotonic() < self._cut_until:
+                    _reset(client)
+                    continue
                 upstream = socket.create_connection(self._target)
             except OSError:
                 return
@@ -68,6 +77,8 @@ class ThrottledProxy:
             pass
         finally:
             for sock in (src, dst):
+                if sock in self._cutting:
+                    continue  # cut: its close sends a reset (SO_LINGER 0), no clean end before it
                 try:
                     sock.shutdown(socket.SHUT_RDWR)
                 except OSError:
@@ -75,6 +86,22 @@ class ThrottledProxy:
             # Closing our reading end resets a peer still writing to it, as a dead host would;
             # each socket is read by exactly one relay, so each is closed exactly once.
             src.close()
+
+    def cut(self, seconds: float) -> None:
+        """Reset every connection now, and every new one for ``seconds``."""
+        import socket
+        import struct
+
+        self._cut_until = time.monotonic() + seconds
+        with self._lock:
+            for sock in self._sockets:
+                try:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                    self._cutting.add(sock)
+                    sock.shutdown(socket.SHUT_RD)  # wakes its relay, which closes it: a reset
+                except OSError:
+                    pass
+            self._sockets = []
 
     def close(self) -> None:
         import socket
@@ -95,3 +122,12 @@ class ThrottledProxy:
         for thread in threads:
             thread.join(timeout=10)
         self._accepter.join(timeout=10)
+
+
+def _reset(sock: "socket.socket") -> None:  # noqa: F821
+    """Close ``sock`` with a reset (RST), not a clean end."""
+    import socket
+    import struct
+
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    sock.close()

@@ -586,7 +586,7 @@ def test_syntax_strings_are_chs_text_with_chmigs_extensions_marked() -> None:
     assert RECEIVE_MIGRATION_SYNTAX.startswith(
         'VM receive migration parameters "<receiver_url>" or "receiver_url=<url>[,tls_dir=<path>]'
         "[,memory_mode=precopy|postcopy][,vfio_fds=<list_of_vfio_ids_with_their_associated_fd>][,iommufd_fd=<fd>]"
-        '[,zone_updates=[<id@host_numa_node>]]" (chmig extension: "[,prefetch=<size>|page|off]"')
+        '[,zone_updates=[<id@host_numa_node>]]" (chmig extensions: "[,prefetch=<size>|page|off]"')
     assert RESTORE_SYNTAX.startswith(
         'Restore from a VM snapshot. \nRestore parameters "source_url=<source_url>,prefault=on|off,'
         "memory_restore_mode=copy|ondemand,net_fds=<list_of_net_ids_with_their_associated_fds>,")

@@ -95,11 +95,47 @@ def test_start_version_in_headers_and_rest_ignored() -> None:
 def test_start_version_window() -> None:
     """chmig sends version 0 (Cloud Hypervisor's) by default and accepts 0 and 1 (the newest and the one before)."""
     assert PROTOCOL_VERSION == 0 and Request.start().encode() == H("0100" "000000000000" "0000000000000000")
-    assert Request.start(1).encode() == H("0100" "010000000000" "0000000000000000")
+    # Version 1's Start carries the 16-byte migration token (the payload follows the header).
+    assert Request.start(1).encode() == H("0100" "010000000000" "1000000000000000")
     assert [Request.start(v).check_sender_version() for v in (0, 1)] == [0, 1]
     for bad in (2, 255, 0xFFFF):
         with pytest.raises(ProtocolError, match=f"version {bad} doesn't match supported versions: 0, 1"):
             Request.start(bad).check_sender_version()
+
+
+def test_start_payload_is_the_token_in_version_1_and_nothing_in_version_0() -> None:
+    from chmig.protocol import Command, ReceiverMachine
+
+    for version, length in ((0, 0), (1, 16)):
+        machine = ReceiverMachine()
+        machine.begin(Request.start(version))
+        assert machine.version == version
+        for wrong in {0, 8, 16, 17} - {length}:
+            with pytest.raises(ProtocolError, match=f"Start of protocol version {version} carries {length} bytes"):
+                ReceiverMachine().begin(Request(Command.START, wrong, Request.start(version).command_headers))
+
+
+def test_recovery_hello_and_token_check() -> None:
+    """Version 1: FaultRecovery (3) is followed by token(16) | attempt(u32) | 4 zero bytes; only the token of the
+    migration's Start lets such a connection in."""
+    from chmig.protocol import (CONNECTION_RULES, ConnectionRole, RECOVERY_HELLO_SIZE, RecoveryHello,
+                                check_recovery)
+
+    token = bytes(range(16))
+    assert ConnectionRole.FAULT_RECOVERY.encode() == H("0300")
+    wire = RecoveryHello(token, 2).encode()
+    assert wire == token + H("02000000" "00000000") and len(wire) == RECOVERY_HELLO_SIZE == 24
+    assert RecoveryHello.decode(wire) == RecoveryHello(token, 2)
+    rule = CONNECTION_RULES[ConnectionRole.FAULT_RECOVERY]
+    assert rule.since_version == 1 and rule.hello_size == 24 and rule.commands == {Command.PAGE_FAULT}
+    for bad, why in ((wire[:23], "24 bytes"), (token + bytes(8), "attempt 0")):
+        with pytest.raises(ProtocolError, match=why):
+            RecoveryHello.decode(bad)
+    check_recovery(RecoveryHello(token, 1), token)
+    with pytest.raises(ProtocolError, match="wrong migration token"):
+        check_recovery(RecoveryHello(bytes(16), 1), token)
+    with pytest.raises(ProtocolError, match="agreed no token"):
+        check_recovery(RecoveryHello(token, 1), None)
 
 
 def test_discard_is_version_1_only_and_a_range_table() -> None:
@@ -308,7 +344,7 @@ def test_bad_version_aborts() -> None:
 @pytest.mark.parametrize(
     "request_, message",
     [
-        (Request(Command.START, 5), "Start carries no payload"),
+        (Request(Command.START, 5), "Start of protocol version 0 carries 0 bytes"),
         (Request(Command.CONFIG, DEFAULT_LIMITS.max_config_bytes + 1), "exceeds the limit"),
         (Request(Command.STATE, 1 << 62), "exceeds the limit"),
         (Request(Command.MEMORY, 17), "not a multiple of 16"),

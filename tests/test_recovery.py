@@ -1,0 +1,134 @@
+"""Postcopy recovery (protocol version 1): every Fault connection breaks mid-postcopy, and neither side gives up.
+
+Real chmig processes, a real KVM guest that reads and checks all of its memory
+while its pages are still on the source, a real postcopy destination, and a
+proxy (tests/proxy.py) that cuts the link: every connection reset at both ends,
+every new one refused for the length of the cut.  The guest is the judge: after
+the recovery it runs on with its counters continuing and zero memory mismatches.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+import time
+
+import pytest
+
+from chmig import protocol as p
+from chmig.apiclient import ApiError
+
+from .conftest import BackgroundCall, Processes, VmmProcess, requires_kvm
+from .proxy import ThrottledProxy
+
+pytestmark = [requires_kvm, pytest.mark.timeout(180)]
+
+GUEST = ("--cpus", "boot=2", "--memory", "size=64M", "--workload", "verify")
+#: Slow enough that the pull of 64 MiB takes seconds: the cut lands in the middle of it.
+LINK = 12 << 20
+
+
+def postcopy_of(info: dict) -> dict:
+    return (info.get("migration") or {}).get("postcopy") or {}
+
+
+def pulling(dest: VmmProcess) -> dict:
+    """Until the destination has brought some pages in (postcopy under way, far from whole)."""
+    return dest.wait_for(lambda i: postcopy_of(i).get("pages_pulled", 0) >= 512, timeout=60, what="pulling")
+
+
+def send_in_background(source: VmmProcess, url: str, recovery_s: int) -> BackgroundCall:
+    return BackgroundCall(source, "PUT", "vm.send-migration",
+                          {"destination_url": url, "memory_mode": "postcopy", "postcopy_recovery_s": recovery_s})
+
+
+def stranger(url: str, token: bytes) -> bytes | None:
+    """A FaultRecovery connection with the wrong token, straight to the destination: what does it get back?"""
+    host, port = url.removeprefix("tcp:").rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=20) as conn:
+        conn.sendall(p.ConnectionRole.FAULT_RECOVERY.encode() + p.RecoveryHello(token, 1).encode())
+        # If it were taken as the source, a PageFault would come (the faults in flight are asked again).
+        try:
+            return conn.recv(16)
+        except ConnectionResetError:
+            return None
+
+
+def test_a_2_s_cut_mid_postcopy_recovers_and_a_stranger_is_refused(procs: Processes) -> None:
+    source = procs.run(*GUEST)
+    before = source.wait_rounds(2)
+    dest, url = procs.receive("tcp:127.0.0.1:0", "--memory-mode", "postcopy", "--postcopy-recovery-s", "30")
+    proxy = ThrottledProxy(url, LINK)
+    try:
+        sending = send_in_background(source, proxy.url, recovery_s=30)
+        at_cut = postcopy_of(pulling(dest))
+        assert at_cut["pages_total"] - at_cut["pages_faulted"] - at_cut["pages_pulled"] > 4096, at_cut
+        proxy.cut(2.0)
+        dest.wait_for(lambda i: postcopy_of(i).get("status") == "recovering", timeout=10, what="recovering")
+        assert stranger(url, bytes(16)) in (b"", None), "the destination answered a stranger's connection"
+        assert sending.result(120) is None, sending.outcome
+    finally:
+        proxy.close()
+    stats = sending.answer
+    assert isinstance(stats, dict) and stats["status"] == "completed", stats
+    served = stats["postcopy"]
+    assert served["status"] == "served" and len(served["recoveries"]) >= 1, served
+    assert source.wait_exit(30) == 0
+    info = dest.wait_for(lambda i: postcopy_of(i).get("status") == "whole", timeout=90, what="whole")
+    recoveries = postcopy_of(info)["recoveries"]
+    assert len(recoveries) >= 1, postcopy_of(info)
+    first = recoveries[0]
+    assert first["attempt"] >= 1 and first["duration_ms"] >= 1000 and first["pages_rerequested"] >= 0, first
+    start = info["guest"]["rounds"]
+    assert start >= before["guest"]["rounds"]
+    after = dest.wait_rounds(start + 2, timeout=60)
+    assert after["guest"]["errors"] == 0 and after["state"] == "Running", after["guest"]
+    assert "refusing a recovery connection" in dest.log.read_text() and "wrong migration token" in dest.log.read_text()
+
+
+def test_a_cut_longer_than_postcopy_recovery_s_fails_cleanly_on_both_sides(procs: Processes) -> None:
+    source = procs.run(*GUEST)
+    source.wait_rounds(2)
+    dest, url = procs.receive("tcp:127.0.0.1:0", "--memory-mode", "postcopy", "--postcopy-recovery-s", "2")
+    proxy = ThrottledProxy(url, LINK)
+    try:
+        sending = send_in_background(source, proxy.url, recovery_s=2)
+        pulling(dest)
+        cut_at = time.monotonic()
+        proxy.cut(30.0)
+        outcome = sending.result(60)
+        assert isinstance(outcome, ApiError), outcome
+        text = str(outcome)
+        assert "reconnecting failed for 2 s (postcopy_recovery_s)" in text and "\n" not in text, text
+        assert time.monotonic() - cut_at >= 2
+        # The source keeps its VM, paused, with all its memory: the destination's cannot go on.
+        assert source.proc.poll() is None
+        info = source.info()
+        assert info["state"] == "Paused" and info["migration"]["postcopy"]["status"] == "failed", info["migration"]
+        # The destination waited its 2 s, then failed as postcopy fails: the VM stopped, the process exits.
+        assert dest.wait_exit(30) != 0
+        assert "the source did not reconnect within 2 s (postcopy_recovery_s)" in dest.log.read_text(), dest.tail()
+    finally:
+        proxy.close()
+
+
+def test_a_version_0_postcopy_does_not_recover(procs: Processes) -> None:
+    """Plain postcopy without postcopy_recovery_s stays Cloud Hypervisor's version 0: a cut fails it at once (the
+    destination's default deadline does not apply to a source that agreed no token)."""
+    source = procs.run(*GUEST)
+    source.wait_rounds(2)
+    dest, url = procs.receive("tcp:127.0.0.1:0", "--memory-mode", "postcopy")
+    proxy = ThrottledProxy(url, LINK)
+    try:
+        sending = BackgroundCall(source, "PUT", "vm.send-migration",
+                                 {"destination_url": proxy.url, "memory_mode": "postcopy"})
+        pulling(dest)
+        proxy.cut(30.0)
+        outcome = sending.result(30)
+        assert isinstance(outcome, ApiError) and "postcopy" in str(outcome), outcome
+        assert dest.wait_exit(30) != 0  # well before the default postcopy_recovery_s of 60 s
+        log = dest.log.read_text()
+        assert "postcopy failed" in log and "waiting up to" not in log, dest.tail()
+        assert source.info()["state"] == "Paused"
+    finally:
+        proxy.close()
