@@ -86,6 +86,32 @@ def test_a_2_s_cut_mid_postcopy_recovers_and_a_stranger_is_refused(procs: Proces
     assert "refusing a recovery connection" in dest.log.read_text() and "wrong migration token" in dest.log.read_text()
 
 
+def test_a_hybrid_migration_recovers_from_a_cut_after_its_switch(procs: Processes) -> None:
+    """Hybrid is recoverable by default (postcopy_recovery_s=60): precopy gives up on a guest that rewrites all of
+    its memory faster than the link, the switch discards those pages, and the cut lands while they come back."""
+    source = procs.run("--cpus", "boot=2", "--memory", "size=64M", "--workload", "verify,dirty_percent=100")
+    before = source.wait_rounds(2)
+    dest, url = procs.receive("tcp:127.0.0.1:0", "--memory-mode", "postcopy")
+    proxy = ThrottledProxy(url, LINK)
+    try:
+        sending = BackgroundCall(source, "PUT", "vm.send-migration",
+                                 {"destination_url": proxy.url, "memory_mode": "hybrid", "downtime_ms": 1,
+                                  "postcopy_after_s": 1})
+        dest.wait_for(lambda i: postcopy_of(i).get("pages_pulled", 0) >= 256, timeout=60, what="pulling")
+        proxy.cut(2.0)
+        assert sending.result(120) is None, sending.outcome
+    finally:
+        proxy.close()
+    stats = sending.answer
+    assert isinstance(stats, dict) and stats["mode"] == "hybrid" and stats["pages_discarded"] > 0, stats
+    assert len(stats["postcopy"]["recoveries"]) >= 1, stats["postcopy"]
+    assert source.wait_exit(30) == 0
+    info = dest.wait_for(lambda i: postcopy_of(i).get("status") == "whole", timeout=90, what="whole")
+    assert len(postcopy_of(info)["recoveries"]) >= 1
+    after = dest.wait_rounds(max(info["guest"]["rounds"], before["guest"]["rounds"]) + 2, timeout=60)
+    assert after["guest"]["errors"] == 0 and after["state"] == "Running", after["guest"]
+
+
 def test_a_cut_longer_than_postcopy_recovery_s_fails_cleanly_on_both_sides(procs: Processes) -> None:
     source = procs.run(*GUEST)
     source.wait_rounds(2)
