@@ -118,8 +118,8 @@ SEND_MIGRATION_SYNTAX = (
     ' (chmig extensions: "[,fault_connections=<amount>]", 1-16 Fault connections with memory_mode=postcopy or'
     ' hybrid; "memory_mode=hybrid[,postcopy_after_s=<seconds>]", precopy that switches to postcopy when it does not'
     " converge by timeout_s or postcopy_after_s, or when asked: migration-start-postcopy;"
-    ' "postcopy_recovery_s=<seconds>", how long a postcopy or hybrid source reconnects when every Fault connection'
-    " broke: 60 for hybrid, off (0) for postcopy unless given)"
+    ' "postcopy_recovery_s=<seconds>", how long a postcopy or hybrid source reconnects when a Fault connection'
+    " breaks: 60 for hybrid, off (0) for postcopy unless given)"
 )
 #: ``VmReceiveMigrationData::SYNTAX``, then chmig's extension key and the keys it refuses.  The bare
 #: ``<receiver_url>`` form is in CH's text but refused by CH's parser, and so by chmig's.
@@ -391,7 +391,7 @@ class SendOptions:
     #: converging (None: only at ``timeout_s``, or when an operator asks).
     postcopy_after_s: int | None = None
     #: Postcopy recovery (a chmig extension, protocol version 1): how long the source keeps reconnecting when
-    #: every Fault connection broke.  None: 60 s for hybrid, off for postcopy (which then stays version 0,
+    #: a Fault connection broke.  None: 60 s for hybrid, off for postcopy (which then stays version 0,
     #: Cloud Hypervisor's wire); 0: off.  See :attr:`recovery_s`.
     postcopy_recovery_s: int | None = None
     #: chmig's extension (JSON only, from ``chmig remote send-migration --trace FILE``): the absolute path the
@@ -528,7 +528,7 @@ class SendOptions:
 
     @property
     def recovery_s(self) -> int:
-        """How long the source reconnects after every Fault connection broke (0: it does not; the migration
+        """How long the source reconnects after a Fault connection broke (0: it does not; the migration
         then speaks version 0 unless hybrid)."""
         if self.postcopy_recovery_s is not None:
             return self.postcopy_recovery_s

@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="postcopy: pull the pages no fault asked for in ranges of SIZE (256K..2M, default "
                               "1M); page = one page per idle loop (Cloud Hypervisor's way); off = no pull")
     receive.add_argument("--postcopy-recovery-s", type=int, metavar="SECONDS",
-                         help="postcopy: when every Fault connection breaks, wait this long (vCPUs blocked) for "
+                         help="postcopy: when a Fault connection breaks, wait this long (vCPUs blocked) for "
                               "the source to reconnect with the migration's token (default 60; 0: fail at once). "
                               "Only a chmig source that agreed a token (protocol version 1) can reconnect")
     receive.add_argument("--trace", metavar="FILE",

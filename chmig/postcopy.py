@@ -66,9 +66,17 @@ Once the VM runs here, the source holds the only copy of every page not yet
 pulled.  A broken or silent Fault connection (``fault_response_timeout_s``)
 fails the pager: it records the reason, and its owner (:mod:`chmig.vmm`) stops
 the VM, reports the failure in ``vm.info`` and the log, and ends the process
-with a non-zero status.  The source keeps its paused VM and memory.  Nothing
-here is thrown away that a later recovery would need: the bitmap says which
-pages still live on the source.
+with a non-zero status.  The source keeps its paused VM and memory.
+
+Unless the migration is recoverable (protocol version 1: the source's Start
+carried a token, and ``recovery_s`` > 0): then a broken connection ends the
+source's current *attempt* instead — every connection of it is reset and
+closed — and the fault thread waits up to ``recovery_s`` for the next one
+(FaultRecovery connections that proved the token, :meth:`PostcopyPager.arrive`),
+its vCPUs blocked in the kernel meanwhile.  The bitmap says which pages still
+live on the source; the faults that were in flight are asked again first, and
+the pull walks from the first missing page again.  A source that answered
+Error or broke the protocol still fails the pager at once.
 """
 
 from __future__ import annotations
@@ -505,6 +513,8 @@ class PostcopyPager:
         self._unresolved_read_at = 0.0
         #: Pages of the pull ranges in flight, per source (re-requested if their connection breaks).
         self._pulling: dict[int, int] = {}
+        #: Sources a pull thread uses (it closes them when it leaves them); the fault thread owns the others.
+        self._pullers: set[int] = set()
         #: Whatever keeps the listener for recovering sources (closed with the pager).
         self.recovery_listener: Any = None
 
@@ -555,6 +565,8 @@ class PostcopyPager:
             self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.reset)
             if self.prefetch.strategy != OFF:
                 for source in pullers:
+                    with self._cursor_lock:
+                        self._pullers.add(id(source))
                     self.threads.start(f"postcopy-pull-{source.name}", self._pull_loop, source,
                                        stopper=source.reset)
         except RuntimeError:
@@ -596,6 +608,7 @@ class PostcopyPager:
                 except BaseException as exc:
                     if not (self.recovery_s and isinstance(current, Channel) and connection_broke(exc)):
                         raise
+                    current = None  # given up: a failure from here on is the recovery's, not this connection's
                     recovered = self._recover(exc)
                     if recovered is None:  # stopped meanwhile
                         return
@@ -630,7 +643,8 @@ class PostcopyPager:
                 os.eventfd_read(self._arrival_fd)
                 if self._lost is not None:
                     raise SourceLost(self._lost, where="postcopy")
-                self._adopt_more(source)
+                if self._adopt_more(source):
+                    pulling = False  # a pull thread of its own pulls now: this connection is for faults
             if ready.get(self._idle_fd):
                 os.eventfd_read(self._idle_fd)
                 for idle_source in self._idle_sources(take=True):
@@ -673,9 +687,10 @@ class PostcopyPager:
             arrivals, self._arrivals = self._arrivals, []
         return arrivals
 
-    def _adopt_more(self, urgent: PageSource) -> None:
+    def _adopt_more(self, urgent: PageSource) -> bool:
         """Arrivals while connections work: more of the current attempt pull; a newer attempt means the source
-        found its connections broken before this side did (it replaced them all): recover now."""
+        found its connections broken before this side did (it replaced them all): recover now.  True when a
+        pull thread started."""
         arrivals = self._take_arrivals()
         newest = max((attempt for attempt, _ in arrivals), default=0)
         if newest > self._attempt:
@@ -684,29 +699,37 @@ class PostcopyPager:
             os.eventfd_write(self._arrival_fd, 1)
             raise SourceLost(f"the source reconnected (attempt {newest}): it found its connections broken",
                              where="postcopy")
+        started = False
         for attempt, channel in arrivals:
             if attempt < self._attempt:
                 log.info("postcopy: %s belongs to an older attempt (%d); closed", channel.name, attempt)
                 channel.close()
             else:
-                self._add_puller(channel)
+                started |= self._add_puller(channel)
+        return started
 
-    def _add_puller(self, channel: Channel) -> None:
-        """One more connection of the current attempt: it pulls (or, with no pull, is only watched)."""
+    def _add_puller(self, channel: Channel) -> bool:
+        """One more connection of the current attempt: it pulls (or, with no pull, is only watched).  True when
+        a pull thread started on it."""
         if self.prefetch.strategy == PAGE:  # Cloud Hypervisor's strategy: one connection
             log.info("postcopy: %s not needed (prefetch=page uses one connection); closed", channel.name)
             channel.close()
-            return
+            return False
         with self._cursor_lock:
             self._live.append(channel)
             self.sources.append(channel)
         if self.prefetch.strategy == OFF:
             self._hand_to_fault_thread(channel)
-            return
+            return False
+        with self._cursor_lock:
+            self._pullers.add(id(channel))
         try:
             self.threads.start(f"postcopy-pull-{channel.name}", self._pull_loop, channel, stopper=channel.reset)
         except RuntimeError:  # stopping: close() resets and closes it with the others
-            pass
+            with self._cursor_lock:
+                self._pullers.discard(id(channel))
+            return False
+        return True
 
     def _recover(self, exc: BaseException) -> tuple[Channel, bool] | None:
         """Every connection of the current attempt is given up; wait (at most ``recovery_s``) for the source's
@@ -714,15 +737,21 @@ class PostcopyPager:
         pager was stopped meanwhile; raises PostcopyError at the deadline."""
         with self._cursor_lock:
             broken, self._live = self._live, []
+            self._idle.clear()
             self._lost = None
             self._cursor = 0  # the pull ranges in flight are missing still: walk from the start again
             rerequested = len(self._unresolved) + sum(self._pulling.values())
             self._pulling.clear()
+            mine = [source for source in broken if id(source) not in self._pullers]
         for source in broken:
             source.reset()  # the source's end breaks too: it reconnects all of them, as one attempt
+        for source in mine:
+            # Closed now, so that the reset reaches the source even on a connection it still thinks works (its
+            # side may see nothing wrong: a stall this side timed out).  A pull thread closes its own.
+            source.close()
         began = time.monotonic()
         cause = exc.message if isinstance(exc, ChmigError) else repr(exc)
-        self.stats.status = "recovering"
+        self._set_status("recovering")
         log.warning("postcopy: %s; waiting up to %g s for the source to reconnect (postcopy_recovery_s), %d "
                     "page(s) to ask again; faulting vCPUs wait", cause, self.recovery_s, rerequested)
         poller = select.poll()
@@ -730,17 +759,23 @@ class PostcopyPager:
         poller.register(self._arrival_fd, select.POLLIN)
         deadline = began + self.recovery_s
         while True:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise PostcopyError(f"{cause}, and the source did not reconnect within {self.recovery_s:g} s "
-                                    "(postcopy_recovery_s)", where="postcopy")
-            ready = dict(poller.poll(remaining * 1000))
-            if ready.get(self._stop_fd) or self.done.is_set():
-                return None
-            if not ready.get(self._arrival_fd):
-                continue
-            os.eventfd_read(self._arrival_fd)
+            # Arrivals queued before this wait (their wake-up may have been taken with the break's) come first.
             arrivals = self._take_arrivals()
+            if not arrivals:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise PostcopyError(f"{cause}, and the source did not reconnect within {self.recovery_s:g} s "
+                                        "(postcopy_recovery_s)", where="postcopy")
+                ready = dict(poller.poll(remaining * 1000))
+                if ready.get(self._stop_fd) or self.done.is_set():
+                    return None
+                if ready.get(self._arrival_fd):
+                    os.eventfd_read(self._arrival_fd)
+                continue
+            if self.done.is_set():
+                for _, channel in arrivals:
+                    channel.close()
+                return None
             newest = max((attempt for attempt, _ in arrivals), default=0)
             for attempt, channel in arrivals:
                 if attempt < newest or attempt <= self._attempt:
@@ -754,16 +789,21 @@ class PostcopyPager:
                 self._live = [first]
                 self.sources.append(first)
             self.threads.add_stopper(first.reset)  # it serves the fault thread now, which stop() must wake
-            for channel in more:
-                self._add_puller(channel)
+            pull_threads = [self._add_puller(channel) for channel in more]
             duration = time.monotonic() - began
-            self.stats.status = "pulling"
+            self._set_status("pulling")
             self.stats.recovered(attempt=newest, cause=cause,
                                  began_after_ms=round((began - self.stats._begin) * 1000, 1),
                                  duration_ms=round(duration * 1000, 1), pages_rerequested=rerequested)
             log.info("postcopy: recovered over %s (attempt %d) after %.0f ms; asking again for %d page(s)",
                      first.name, newest, duration * 1000, rerequested)
-            return first, not more and self.prefetch.strategy != OFF
+            return first, not any(pull_threads) and self.prefetch.strategy != OFF
+
+    def _set_status(self, status: str) -> None:
+        """``recovering`` / ``pulling`` — never over the end's ``whole``, ``failed`` or ``stopped``."""
+        with self._end_lock:
+            if not self.done.is_set():
+                self.stats.status = status
 
     def _connection_lost(self, source: PageSource, exc: BaseException) -> bool:
         """A pull thread's connection broke: with recovery, tell the fault thread (True); the thread ends."""
@@ -796,8 +836,26 @@ class PostcopyPager:
         except BaseException as exc:
             if not self._connection_lost(source, exc):
                 self._fail(exc, source)
+            self._leave(source)
             return
-        self._hand_to_fault_thread(source)
+        with self._cursor_lock:
+            self._pullers.discard(id(source))
+            superseded = source not in self._live
+        if superseded:  # a recovery replaced it while it finished its last range
+            source.reset()
+            source.close()
+        else:
+            self._hand_to_fault_thread(source)
+
+    def _leave(self, source: PageSource) -> None:
+        """A pull thread ends on a failure: if a recovery replaced its connection, the thread closes it (the
+        reset then reaches the source); otherwise the pager's end closes it with the others."""
+        with self._cursor_lock:
+            self._pullers.discard(id(source))
+            superseded = self.recovery_s and source not in self._live and not self.done.is_set()
+        if superseded:
+            source.reset()
+            source.close()
 
     def _hand_to_fault_thread(self, source: PageSource) -> None:
         """Nothing is left to pull over ``source``: the fault thread watches it from now on."""
@@ -858,6 +916,9 @@ class PostcopyPager:
     def _pull_one(self, source: PageSource, buffer: _PageBuffer) -> bool:
         """Pull the next missing range over ``source``; False when nothing is left to pull."""
         with self._cursor_lock:
+            if self.recovery_s and source not in self._live:
+                # A recovery gave this connection up: a range taken now would skip the pull's restart.
+                raise SourceLost(f"{source.name} was replaced by the source's next attempt", where="postcopy")
             found = self.present.next_missing(self._cursor, self.prefetch.range_bytes // PAGE_SIZE)
             if found is None:
                 return False

@@ -57,8 +57,8 @@ A postcopy Fault connection announces :attr:`ConnectionRole.FAULT` and carries
 PageFault requests from the destination to the source.
 
 Version 1 (chmig, beyond Cloud Hypervisor) adds the Discard command (a hybrid
-migration's switch to postcopy) and postcopy recovery: its Start carries a
-16-byte migration token, and when every Fault connection broke the source opens
+migration's switch to postcopy) and postcopy recovery: the Start of a migration
+that can recover carries a 16-byte token, and when a Fault connection broke the source opens
 new ones that announce :attr:`ConnectionRole.FAULT_RECOVERY` and prove the token
 (:class:`RecoveryHello`) before they carry PageFault again::
 
@@ -272,10 +272,13 @@ class Request:
 
     # The constructors Cloud Hypervisor's sender uses.
     @classmethod
-    def start(cls, version: int = PROTOCOL_VERSION) -> Request:
-        """Start carries the sender's protocol version in ``command_headers[0:2]``; from version 1 on, the
-        migration token follows as its payload (:func:`start_payload_size`)."""
-        return cls(Command.START, start_payload_size(version), struct.pack("<H4x", version))
+    def start(cls, version: int = PROTOCOL_VERSION, token: bool = False) -> Request:
+        """Start carries the sender's protocol version in ``command_headers[0:2]``; from version 1 on, a
+        migration that can recover sends its token as the payload (:func:`start_payload_sizes`)."""
+        length = TOKEN_SIZE if token else 0
+        if length not in start_payload_sizes(version):
+            raise InternalError(f"a Start of protocol version {version} carries no token", where="Start")
+        return cls(Command.START, length, struct.pack("<H4x", version))
 
     @classmethod
     def config(cls, length: int) -> Request:
@@ -699,9 +702,10 @@ COMMAND_SINCE_VERSION: dict[Command, int] = {
 _NO_PAYLOAD = frozenset({_C.COMPLETE, _C.COMPLETE_PAUSED, _C.ABANDON})
 
 
-def start_payload_size(version: int) -> int:
-    """Start's payload: none in version 0 (Cloud Hypervisor's); the 16-byte migration token from version 1 on."""
-    return TOKEN_SIZE if version >= 1 else 0
+def start_payload_sizes(version: int) -> tuple[int, ...]:
+    """Start's payload: none in version 0 (Cloud Hypervisor's); in version 1 none (this migration will not
+    recover) or the 16-byte migration token (a FaultRecovery connection proves it)."""
+    return (0, TOKEN_SIZE) if version >= 1 else (0,)
 
 
 def next_receiver_state(state: ReceiverState, command: Command, version: int = NEWEST_PROTOCOL_VERSION
@@ -771,8 +775,9 @@ OK_PAGE_IN_SHARED_MEMORY = ("length 0: the source wrote the page into the shared
 #: What each request's payload is, for the command table (``docs.py``).
 COMMAND_PAYLOAD: dict[Command, str] = {
     _C.INVALID: "—",
-    _C.START: "`command_headers[0:2]` = the sender's protocol version; version 0: none, version 1: the 16-byte "
-              "migration token (random, kept secret; a FaultRecovery connection proves it)",
+    _C.START: "`command_headers[0:2]` = the sender's protocol version; version 0: none; version 1: none, or the "
+              "16-byte migration token of a migration that can recover (random; a FaultRecovery connection proves "
+              "it)",
     _C.CONFIG: 'JSON `{"vm_config", "common_cpuid", "memory_manager_data": {"guest_ram_mappings": [...]}}`',
     _C.STATE: "JSON: vCPUs and devices",
     _C.MEMORY: "a MemoryRangeTable (`length` = 16·n), then the bytes of every range, uncounted",
@@ -810,10 +815,10 @@ def check_request_length(request: Request, limits: Limits = DEFAULT_LIMITS) -> N
     where = cmd.wire_name
     if cmd in _NO_PAYLOAD and length:
         raise ProtocolError(f"{where} carries no payload, but length is {length}", where=where)
-    if cmd is _C.START and length != start_payload_size(request.sender_version):
-        expected = start_payload_size(request.sender_version)
-        raise ProtocolError(f"Start of protocol version {request.sender_version} carries {expected} bytes "
-                            f"({'the migration token' if expected else 'none'}), but length is {length}", where=where)
+    if cmd is _C.START and length not in start_payload_sizes(request.sender_version):
+        allowed = " or ".join(str(size) for size in start_payload_sizes(request.sender_version))
+        raise ProtocolError(f"Start of protocol version {request.sender_version} carries {allowed} bytes, but length "
+                            f"is {length}", where=where)
     if cmd is _C.CONFIG and length > limits.max_config_bytes:
         raise ProtocolError(
             f"config of {length} bytes exceeds the limit of {limits.max_config_bytes}", where=where
@@ -953,7 +958,7 @@ CONNECTION_RULES: dict[ConnectionRole, ConnectionRule] = {
     ),
     ConnectionRole.FAULT_RECOVERY: ConnectionRule(
         ConnectionRole.FAULT_RECOVERY, "recovery", Side.DESTINATION, frozenset({_C.PAGE_FAULT}),
-        "version 1, postcopy after every Fault connection broke: the role, then the migration token and the "
+        "version 1, postcopy after a Fault connection broke: the role, then the migration token and the "
         "attempt number (24 bytes); a wrong token is closed unanswered; then as a Fault connection",
         since_version=1, hello_size=RECOVERY_HELLO_SIZE,
     ),

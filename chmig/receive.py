@@ -200,11 +200,13 @@ class RecoveryAcceptor:
     """The listener a recoverable postcopy keeps after State (protocol version 1), owned by the pager.
 
     A connection that announces FaultRecovery and proves the migration's token
-    (:func:`chmig.protocol.check_recovery`) within ``role_timeout_s`` goes to
-    ``arrive`` with its attempt; anything else — another role, a wrong token, a
-    silent or truncated hello — is closed unanswered with one log line and
-    changes nothing.  At most :data:`UNPROVEN_RECOVERY_CONNECTIONS` connections
-    are heard at once, so strangers cannot make it open threads without end.
+    (:func:`chmig.protocol.check_recovery`) within ``role_timeout_s`` (role and
+    hello together) goes to ``arrive`` with its attempt; anything else — another
+    role, a wrong token, a silent or truncated hello — is closed unanswered with
+    one log line and changes nothing.  At most ``max_fault_connections``
+    connections are heard at once: one more evicts the oldest still unproven,
+    so strangers can neither make it open threads without end nor keep the real
+    source out by staying silent.
     """
 
     def __init__(self, listener: Listener, token: bytes, arrive: Callable[[int, Channel], None],
@@ -216,7 +218,8 @@ class RecoveryAcceptor:
         self.limits = limits
         self.threads = ThreadGroup("postcopy-recovery")
         self._lock = threading.Lock()
-        self._unproven = 0
+        #: Connections still saying who they are, oldest first.
+        self._unproven: dict[int, Connection] = {}
         self._accepted = 0
 
     def start(self) -> None:
@@ -232,14 +235,16 @@ class RecoveryAcceptor:
                 log.warning("recovery connection refused: %s", exc)
                 continue
             with self._lock:
-                if self._unproven >= UNPROVEN_RECOVERY_CONNECTIONS:
-                    log.warning("dropping %s: %d connections are already saying who they are",
-                                conn.peer, UNPROVEN_RECOVERY_CONNECTIONS)
-                    conn.close()
-                    continue
-                self._unproven += 1
                 number = self._accepted
                 self._accepted += 1
+                evicted = None
+                if len(self._unproven) >= self.limits.max_fault_connections:
+                    evicted = self._unproven.pop(next(iter(self._unproven)))
+                self._unproven[number] = conn
+            if evicted is not None:
+                log.warning("evicting %s: %d connections are already saying who they are", evicted.peer,
+                            self.limits.max_fault_connections)
+                evicted.shutdown()  # its thread reads the end and refuses it
             try:
                 self.threads.start(f"postcopy-recovery-conn-{number}", self._prove, conn, number,
                                    stopper=conn.shutdown)
@@ -251,12 +256,13 @@ class RecoveryAcceptor:
         """Role FaultRecovery, then the right token: the connection goes to the pager; else it is closed."""
         channel = Channel(conn, side=p.Side.DESTINATION, name="unannounced", observers=self.observers,
                           limits=self.limits)
+        deadline = time.monotonic() + self.limits.role_timeout_s
         try:
             role = channel.read_role(self.limits.role_timeout_s, naming=lambda role: f"recovery-{number}")
             if role is not p.ConnectionRole.FAULT_RECOVERY:
                 raise ProtocolError(f"connection role {role.wire_name} is not expected after State (only "
                                     f"{p.ConnectionRole.FAULT_RECOVERY.wire_name})", where="connection role")
-            hello = channel.read_recovery_hello(self.limits.role_timeout_s)
+            hello = channel.read_recovery_hello(max(0.001, deadline - time.monotonic()))
             p.check_recovery(hello, self.token)
             conn.set_nodelay()
         except ChmigError as exc:
@@ -266,7 +272,7 @@ class RecoveryAcceptor:
         finally:
             self.threads.release(conn.shutdown)
             with self._lock:
-                self._unproven -= 1
+                self._unproven.pop(number, None)
         log.info("postcopy: %s from %s proved the migration's token (attempt %d)", channel.name, conn.peer,
                  hello.attempt)
         self.arrive(hello.attempt, channel)
@@ -279,9 +285,6 @@ class RecoveryAcceptor:
         finally:
             self.listener.close()
 
-
-#: Recovery connections heard at once, before they proved the token (a real source opens fault_connections).
-UNPROVEN_RECOVERY_CONNECTIONS = 8
 
 
 class MemoryWorkers:

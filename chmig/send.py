@@ -48,7 +48,7 @@ from .errors import (
 )
 from .events import EventHook, no_events
 from .memory import GuestMemory
-from .postcopy import PostcopyStats, PresentPages, connection_broke
+from .postcopy import PostcopyStats, PresentPages, SourceLost, connection_broke
 from .stats import Iteration, MigrationStats, Progress
 from .threads import ThreadGroup
 from .transport import connect
@@ -175,6 +175,8 @@ RECOVERY_KEEPALIVE = (2, 1, 3)
 #: ... and the pause between reconnection attempts, doubling up to the most.
 RECONNECT_FIRST_DELAY_S = 0.2
 RECONNECT_MAX_DELAY_S = 1.0
+#: ... and the shortest a connect may wait near the deadline.
+RECONNECT_MIN_CONNECT_S = 1.0
 
 
 class PostcopyUnknown(PostcopyError):
@@ -202,6 +204,8 @@ class FaultServer:
     connections and opens ``fault_connections`` new ones as the next attempt
     (role FaultRecovery, the token, the attempt number), retrying until
     ``recovery_s`` has passed; the destination asks again for what it lacks.
+    Every connection of the attempt closed cleanly with pages never asked for
+    is taken as a break too (a proxy may pass a reset on as a clean close).
     """
 
     def __init__(self, memory: GuestMemory, options: SendOptions, observers: Observers, stats: PostcopyStats,
@@ -226,6 +230,8 @@ class FaultServer:
         #: 0: the connections opened before State; each recovery's set is the next attempt.
         self._attempt = 0
         self._attempt_of: dict[int, int] = {}
+        #: Connections of each attempt still being served.
+        self._open_of_attempt: dict[int, int] = {}
 
     def already_there(self, sent: p.MemoryRangeTable, discarded: p.MemoryRangeTable) -> None:
         """Hybrid: the destination has every page precopy sent (``sent``: the source's populated pages) except
@@ -250,14 +256,18 @@ class FaultServer:
         log.info("postcopy: serving pages over %d Fault connection(s)%s", len(self.channels),
                  f"; recoverable for {self.options.recovery_s} s" if self.token else "")
 
-    def _connect_all(self, attempt: int) -> list[Channel]:
+    def _connect_all(self, attempt: int, deadline: float | None = None) -> list[Channel]:
         """Open ``fault_connections`` connections of ``attempt``: role Fault first, FaultRecovery (the token, the
-        attempt) after a break.  All of them or none (a failure closes those already open)."""
+        attempt) after a break, each connect bounded by ``deadline`` too.  All of them or none (a failure closes
+        those already open)."""
         tls = self.options.tls()
         opened: list[Channel] = []
         try:
             for n in range(self.options.fault_connections):
-                conn = connect(self.options.url, tls, timeout=self.limits.paused_response_timeout_s)
+                timeout = self.limits.paused_response_timeout_s
+                if deadline is not None:
+                    timeout = min(timeout, max(RECONNECT_MIN_CONNECT_S, deadline - time.monotonic()))
+                conn = connect(self.options.url, tls, timeout=timeout)
                 name = f"fault-{n}" if attempt == 0 else f"recovery-{attempt}-{n}"
                 channel = Channel(conn, side=p.Side.SOURCE, name=name, observers=self.observers, limits=self.limits)
                 opened.append(channel)
@@ -280,6 +290,7 @@ class FaultServer:
             for channel in opened:
                 self.channels.append(channel)
                 self._attempt_of[id(channel)] = attempt
+            self._open_of_attempt[attempt] = len(opened)
         for channel in opened:
             self.threads.add_stopper(channel.shutdown)
         return opened
@@ -289,15 +300,33 @@ class FaultServer:
             while True:
                 try:
                     served = channel.serve_page_faults(self.memory, on_served=self._count)
-                    log.info("postcopy: the destination closed %s after %d pages", channel.name, served)
-                    return
                 except BaseException as exc:
+                    self._connection_ended(channel)
                     if not (self.token is not None and connection_broke(exc)) or self.threads.stopping.is_set():
                         raise
-                    replacement = self._recover(channel, exc)
-                    if replacement is None:  # another thread recovers this attempt; this one is done
+                    cause: BaseException = exc
+                else:
+                    last = self._connection_ended(channel)
+                    with self._lock:
+                        replaced = self._attempt_of.get(id(channel)) != self._attempt
+                    if replaced:  # this side shut it: a newer attempt replaces it
+                        log.info("postcopy: %s ended after %d pages: attempt %d replaces it", channel.name, served,
+                                 self._attempt)
                         return
-                    channel = replacement
+                    log.info("postcopy: the destination closed %s after %d pages", channel.name, served)
+                    if not (last and self.token is not None and not self.served.whole) or \
+                            self.threads.stopping.is_set():
+                        return
+                    # Every connection closed cleanly with pages never asked for.  A destination that gives up
+                    # resets its connections, but a proxy or a middlebox on the way may turn a reset into a clean
+                    # close: a recoverable migration reconnects (a destination that is gone refuses it).
+                    cause = SourceLost(f"the destination closed every Fault connection with {self.served.missing} "
+                                       "pages never asked for", where="postcopy")
+                replacement = self._recover(channel, cause)
+                if replacement is None:  # another thread recovers this attempt; this one is done
+                    return
+                channel.close()  # the broken one: this thread serves the replacement from now on
+                channel = replacement
         except BaseException as exc:  # reported by wait(); the other connections go on
             message = f"{channel.name}: {exc}"
             log.error("postcopy: %s", message)
@@ -308,6 +337,14 @@ class FaultServer:
             with self._lock:
                 self._running -= 1
                 self._ended.notify_all()
+
+    def _connection_ended(self, channel: Channel) -> bool:
+        """``channel`` is no longer served; True if it was the last one of the current attempt."""
+        with self._lock:
+            attempt = self._attempt_of.get(id(channel), -1)
+            left = self._open_of_attempt.get(attempt, 0) - 1
+            self._open_of_attempt[attempt] = left
+            return attempt == self._attempt and left <= 0
 
     def _recover(self, broken: Channel, exc: BaseException) -> Channel | None:
         """``broken`` broke: if it is of the current attempt, end that attempt (shut its other connections) and
@@ -331,7 +368,7 @@ class FaultServer:
             with self._lock:
                 attempt = self._attempt
             try:
-                first, *others = self._connect_all(attempt)
+                first, *others = self._connect_all(attempt, deadline)
                 break
             except ChmigError as failure:
                 remaining = deadline - time.monotonic()
@@ -345,10 +382,17 @@ class FaultServer:
                 delay = min(delay * 2, RECONNECT_MAX_DELAY_S)
                 with self._lock:
                     self._attempt += 1  # a half-made attempt must never mix with the next one
-        with self._lock:
-            self._running += len(others)
         for channel in others:
-            self.threads.start(f"migrate-send-{channel.name}", self._serve, channel)
+            with self._lock:
+                self._running += 1
+            try:
+                self.threads.start(f"migrate-send-{channel.name}", self._serve, channel)
+            except RuntimeError:  # stopping: the group takes no new thread (close() closes the connection)
+                with self._lock:
+                    self._running -= 1
+                    self._ended.notify_all()
+        if self.threads.stopping.is_set():
+            raise PostcopyError("serving pages was stopped while reconnecting", where="postcopy")
         duration = time.monotonic() - began
         self.stats.recovered(attempt=attempt, cause=cause, duration_ms=round(duration * 1000, 1))
         log.info("postcopy: reconnected (attempt %d) after %.0f ms", attempt, duration * 1000)
@@ -414,8 +458,10 @@ class Sender:
         self.limits = limits
         #: Version 0 (Cloud Hypervisor's) unless the migration needs version 1 (hybrid's Discard, recovery).
         self.machine = p.SourceMachine(version=options.protocol_version)
-        #: Version 1: the migration token, sent with Start; a recovering Fault connection proves it.
-        self.token = secrets.token_bytes(p.TOKEN_SIZE) if self.machine.version >= 1 else None
+        #: Version 1, a migration that can recover: the token sent with Start, which a FaultRecovery connection
+        #: proves.  None: no token (version 0, or ``postcopy_recovery_s=0``): the destination will not wait.
+        self.token = (secrets.token_bytes(p.TOKEN_SIZE) if self.machine.version >= 1 and options.recovery_s
+                      else None)
         #: Hybrid: an operator asked to switch to postcopy (``vm.migration-start-postcopy``): at the end of the
         #: iteration in flight.  ``_precopy_over`` (under ``_phase_lock``) says why such a request is too late.
         self._switch_requested = threading.Event()
@@ -510,7 +556,7 @@ class Sender:
         and, from version 1 on, the migration token."""
         version = self.machine.version
         try:
-            self._request_ok(p.Request.start(version), self.token or b"")
+            self._request_ok(p.Request.start(version, token=self.token is not None), self.token or b"")
         except PeerError as exc:
             if version == p.PROTOCOL_VERSION:
                 raise

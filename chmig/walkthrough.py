@@ -336,8 +336,8 @@ def wait_guest(vmm: Any, rounds: int, timeout: float = WAIT_S) -> dict:
 
 
 def _between_vmms(walk: Walk, joined_by: str, listen: str, options: dict[str, Any], *, shared: bool = False,
-                  memory_mode: str = "precopy", after_first_iteration: Callable[[Any], None] | None = None
-                  ) -> tuple[Any, Any, dict, int]:
+                  memory_mode: str = "precopy", after_first_iteration: Callable[[Any], None] | None = None,
+                  before_send: Callable[[Any], None] | None = None) -> tuple[Any, Any, dict, int]:
     """Two VMMs of this process, a VM on the first; send it to the second with ``options`` (send-migration's,
     as the API takes them).  Returns both VMMs, the send's statistics and the guest's rounds when it began.
     ``after_first_iteration(source)`` runs on the migration's thread once precopy's first iteration is sent."""
@@ -351,6 +351,8 @@ def _between_vmms(walk: Walk, joined_by: str, listen: str, options: dict[str, An
              + (", memory_mode=postcopy (userfaultfd on its RAM)" if memory_mode == "postcopy" else ""))
     if after_first_iteration is not None:
         source.events.once["migration-memory-iteration"] = lambda: after_first_iteration(source)
+    if before_send is not None:
+        before_send(source)
     walk.step("send the migration")
     rounds = guest(source)["rounds"]
     shown = "".join(f",{key}={'on' if value is True else str(value).lower()}" for key, value in options.items())
@@ -382,11 +384,13 @@ def _local(walk: Walk) -> bool:
 
 
 def _postcopy(walk: Walk, options: dict[str, Any] | None = None,
-              after_first_iteration: Callable[[Any], None] | None = None) -> bool:
+              after_first_iteration: Callable[[Any], None] | None = None,
+              before_send: Callable[[Any], None] | None = None) -> bool:
     """Postcopy (or, with ``options``, a hybrid migration) to a destination that receives by postcopy."""
     source, destination, _, rounds = _between_vmms(walk, "loopback TCP", "tcp:127.0.0.1:0",
                                                    options or {"memory_mode": "Postcopy"}, memory_mode="postcopy",
-                                                   after_first_iteration=after_first_iteration)
+                                                   after_first_iteration=after_first_iteration,
+                                                   before_send=before_send)
     pager = destination.postcopy
     if pager is not None and not pager.done.wait(WAIT_S):
         raise MigrationError("postcopy did not bring every page in", where="walkthrough")
@@ -403,6 +407,31 @@ def _hybrid(walk: Walk) -> bool:
         source.start_postcopy()
 
     return _postcopy(walk, {"memory_mode": "Hybrid"}, after_first_iteration=operator_switches)
+
+
+def _recovery(walk: Walk) -> bool:
+    """Postcopy that agreed a token at Start (postcopy_recovery_s: protocol version 1); the link breaks after a
+    few pages, and the source reconnects with FaultRecovery connections that prove the token."""
+    cut = threading.Event()
+    sources: list[Any] = []
+
+    def break_the_link(message: Any) -> None:
+        # On the thread that just read a PageFault on the source (before it answers): every Fault connection
+        # is shut down at once.  The answer then fails on the source, and the destination's wait for it ends
+        # with the connection: both sides see the break, as when a link goes down.
+        if (cut.is_set() or not sources or message.side != p.Side.SOURCE.value or message.name != "PageFault"
+                or not message.connection.startswith("fault-")):
+            return
+        server = sources[0].sender.fault_server if sources[0].sender is not None else None
+        if server is None or server.stats.pages_served < 32:
+            return
+        cut.set()
+        walk.narrator.note("the link breaks: the walkthrough shuts every Fault connection down")
+        for channel in list(server.channels):
+            channel.conn.shutdown()
+
+    walk.observers.add(break_the_link)
+    return _postcopy(walk, {"memory_mode": "Postcopy", "postcopy_recovery_s": 30}, before_send=sources.append)
 
 
 def _offload_snapshot(walk: Walk) -> bool:
@@ -474,6 +503,8 @@ FLOWS: dict[str, Flow] = {
                             "touches it", _offload_restore),
     "hybrid": Flow("Hybrid: precopy first, then (an operator asks) the switch to postcopy: protocol version 1, "
                    "Discard", _hybrid),
+    "recovery": Flow("Postcopy recovery: the link breaks mid-postcopy, the source reconnects with the migration's "
+                     "token (protocol version 1, FaultRecovery), the pull resumes", _recovery),
 }
 
 

@@ -67,9 +67,9 @@ _TRANSITIONS: dict[tuple[str, int], str] = {
 _NAMES = {0: "Invalid", 1: "Start", 2: "Config", 3: "State", 4: "Memory", 5: "Complete", 6: "Abandon",
           7: "MemoryFd", 8: "CompletePaused", 9: "PageFault", 10: "Discard"}
 #: Start's version field: 0 (Cloud Hypervisor's) and 1 (chmig's, which adds Discard and recovery) are accepted;
-#: version 1's Start carries the 16-byte migration token, version 0's nothing.
+#: version 0's Start carries nothing, version 1's nothing or the 16-byte migration token.
 _VERSIONS = (0, 1)
-_START_PAYLOAD = {0: 0, 1: 16}
+_START_PAYLOAD = {0: (0,), 1: (0, 16)}
 _NO_PAYLOAD = {5, 6, 8}
 
 
@@ -673,7 +673,7 @@ class ReferenceReceiver:
             return refuse(f"protocol version {int.from_bytes(headers[0:2], 'little')}")
         if command == 1:
             self.version = int.from_bytes(headers[0:2], "little")
-            if length != _START_PAYLOAD[self.version]:
+            if length not in _START_PAYLOAD[self.version]:
                 return refuse(f"Start of version {self.version} with {length} bytes")
         if command == 10:
             # Discard: version 1 only, in Configured, a range table; and these receivers receive by precopy, so

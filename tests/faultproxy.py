@@ -510,6 +510,8 @@ class FaultProxy:
             return False
         role = p.ConnectionRole.decode(_joined(pieces))
         rule = p.connection_rule(role)
+        if rule.hello_size:  # FaultRecovery (version 1): the token and attempt follow the role, one message
+            pieces += self._read_exact(link, src, rule.hello_size)
         with self._lock:
             index = self._role_counts.get(role, 0)
             self._role_counts[role] = index + 1

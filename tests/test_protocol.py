@@ -95,24 +95,30 @@ def test_start_version_in_headers_and_rest_ignored() -> None:
 def test_start_version_window() -> None:
     """chmig sends version 0 (Cloud Hypervisor's) by default and accepts 0 and 1 (the newest and the one before)."""
     assert PROTOCOL_VERSION == 0 and Request.start().encode() == H("0100" "000000000000" "0000000000000000")
-    # Version 1's Start carries the 16-byte migration token (the payload follows the header).
-    assert Request.start(1).encode() == H("0100" "010000000000" "1000000000000000")
+    assert Request.start(1).encode() == H("0100" "010000000000" "0000000000000000")
+    # A version-1 migration that can recover sends its 16-byte token as Start's payload.
+    assert Request.start(1, token=True).encode() == H("0100" "010000000000" "1000000000000000")
     assert [Request.start(v).check_sender_version() for v in (0, 1)] == [0, 1]
     for bad in (2, 255, 0xFFFF):
         with pytest.raises(ProtocolError, match=f"version {bad} doesn't match supported versions: 0, 1"):
             Request.start(bad).check_sender_version()
 
 
-def test_start_payload_is_the_token_in_version_1_and_nothing_in_version_0() -> None:
+def test_start_payload_is_nothing_in_version_0_and_nothing_or_the_token_in_version_1() -> None:
     from chmig.protocol import Command, ReceiverMachine
 
-    for version, length in ((0, 0), (1, 16)):
-        machine = ReceiverMachine()
-        machine.begin(Request.start(version))
-        assert machine.version == version
-        for wrong in {0, 8, 16, 17} - {length}:
-            with pytest.raises(ProtocolError, match=f"Start of protocol version {version} carries {length} bytes"):
+    from chmig.errors import InternalError
+
+    for version, lengths, allowed in ((0, {0}, "0"), (1, {0, 16}, "0 or 16")):
+        for length in lengths:
+            machine = ReceiverMachine()
+            machine.begin(Request(Command.START, length, Request.start(version).command_headers))
+            assert machine.version == version
+        for wrong in {0, 8, 16, 17} - lengths:
+            with pytest.raises(ProtocolError, match=f"Start of protocol version {version} carries {allowed} bytes"):
                 ReceiverMachine().begin(Request(Command.START, wrong, Request.start(version).command_headers))
+    with pytest.raises(InternalError, match="carries no token"):
+        Request.start(0, token=True)
 
 
 def test_recovery_hello_and_token_check() -> None:
@@ -344,7 +350,7 @@ def test_bad_version_aborts() -> None:
 @pytest.mark.parametrize(
     "request_, message",
     [
-        (Request(Command.START, 5), "Start of protocol version 0 carries 0 bytes"),
+        (Request(Command.START, 5), "Start of protocol version 0 carries 0 bytes, but length is 5"),
         (Request(Command.CONFIG, DEFAULT_LIMITS.max_config_bytes + 1), "exceeds the limit"),
         (Request(Command.STATE, 1 << 62), "exceeds the limit"),
         (Request(Command.MEMORY, 17), "not a multiple of 16"),

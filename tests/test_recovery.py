@@ -19,6 +19,7 @@ from chmig import protocol as p
 from chmig.apiclient import ApiError
 
 from .conftest import BackgroundCall, Processes, VmmProcess, requires_kvm
+from .faultproxy import Action, Fault, FaultProxy, Point
 from .proxy import ThrottledProxy
 
 pytestmark = [requires_kvm, pytest.mark.timeout(180)]
@@ -158,3 +159,36 @@ def test_a_version_0_postcopy_does_not_recover(procs: Processes) -> None:
         assert source.info()["state"] == "Paused"
     finally:
         proxy.close()
+
+
+#: Cut points on the Fault connections (tests/faultproxy.py), the migration recoverable: each is survived.  The
+#: n-th PageFault or answer on any Fault connection (which one pulls is the destination's business).
+RECOVERED_CUTS = [
+    pytest.param(Fault(Point("PageFault", connection="fault-*", nth=20), Action.RST), id="rst-at-a-pagefault"),
+    pytest.param(Fault(Point("Ok", connection="fault-*", answers="PageFault", nth=10), Action.HALF),
+                 id="half-an-answer"),
+]
+
+
+@pytest.mark.parametrize("fault", RECOVERED_CUTS)
+def test_a_recoverable_postcopy_survives_a_cut_point(procs: Processes, fault: Fault) -> None:
+    """One Fault connection cut at one message: the destination resets the attempt, the source reconnects with
+    the token (FaultRecovery through the same proxy), the faults in flight are asked again; 0 errors."""
+    source = procs.run("--cpus", "boot=1", "--memory", "size=32M", "--workload", "verify,dirty_percent=10")
+    source.wait_rounds(2)
+    dest, url = procs.receive("tcp:127.0.0.1:0", "--memory-mode", "postcopy", "--prefetch", "256K",
+                              "--postcopy-recovery-s", "30")
+    proxy = FaultProxy(url, fault=fault).start()
+    try:
+        sending = send_in_background(source, proxy.url, recovery_s=30)
+        assert proxy.fired.wait(60), proxy.transcript()
+        assert sending.result(90) is None, f"{sending.outcome}\n{proxy.transcript()}"
+    finally:
+        proxy.close()
+    stats = sending.answer
+    assert isinstance(stats, dict) and len(stats["postcopy"]["recoveries"]) >= 1, stats
+    assert source.wait_exit(30) == 0
+    info = dest.wait_for(lambda i: postcopy_of(i).get("status") == "whole", timeout=60, what="whole")
+    assert len(postcopy_of(info)["recoveries"]) >= 1
+    after = dest.wait_rounds(info["guest"]["rounds"] + 2, timeout=60)
+    assert after["guest"]["errors"] == 0 and after["state"] == "Running", after["guest"]

@@ -33,6 +33,7 @@ FLOW_COMMANDS = {
     "hybrid": ("Start, Config, Memory, Discard, State, Complete", "PageFault (fault-"),
     "offload-snapshot": ("Start, MemoryFd, Config, State, Complete", None),
     "offload-restore": ("Start, MemoryFd, Config, State, Complete", "PageFault (fault-0)"),
+    "recovery": ("Start, Config, State, Complete", "PageFault (fault-"),
 }
 #: Connections each flow must use (as the source names them).
 FLOW_CONNECTIONS = {
@@ -42,6 +43,8 @@ FLOW_CONNECTIONS = {
     "hybrid": {"main", "fault-0", "fault-1"},
     "offload-snapshot": {"main"},
     "offload-restore": {"main", "fault-0"},
+    # The link breaks once; the source's first attempt to reconnect gets in (the listener never went away).
+    "recovery": {"main", "fault-0", "fault-1", "recovery-1-0", "recovery-1-1"},
 }
 
 
