@@ -24,7 +24,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 from . import protocol as p
 from . import apiconfig
@@ -65,6 +65,18 @@ ReceiveOptions = apiconfig.ReceiveOptions
 RoleHandler = Callable[[Channel], bool | None]
 
 
+def accepting(listener: Listener, what: str) -> Iterator[Connection]:
+    """Every connection ``listener`` accepts, until its owner aborts it; a failed accept (a TLS handshake, a
+    peer gone before it was accepted) is one log line, and the next is awaited."""
+    while True:
+        try:
+            yield listener.accept()
+        except ListenerAborted:
+            return
+        except TransportError as exc:
+            log.warning("%s refused: %s", what, exc)
+
+
 class Acceptor:
     """Accepts additional connections and dispatches each by its role (``ReceiveAdditionalConnections``).
 
@@ -95,14 +107,7 @@ class Acceptor:
         self.threads.start("migrate-receive-accept", self._accept_loop, stopper=self.listener.abort)
 
     def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn = self.listener.accept()
-            except ListenerAborted:
-                return
-            except TransportError as exc:
-                log.warning("additional connection refused: %s", exc)
-                continue
+        for conn in accepting(self.listener, "additional connection"):
             with self._lock:
                 # Connections that ended (probes, finished workers) give their place back.
                 if self._open >= self.limits.max_connections:
@@ -226,14 +231,7 @@ class RecoveryAcceptor:
         self.threads.start("postcopy-recovery-accept", self._accept_loop, stopper=self.listener.abort)
 
     def _accept_loop(self) -> None:
-        while True:
-            try:
-                conn = self.listener.accept()
-            except ListenerAborted:
-                return
-            except TransportError as exc:
-                log.warning("recovery connection refused: %s", exc)
-                continue
+        for conn in accepting(self.listener, "recovery connection"):
             with self._lock:
                 number = self._accepted
                 self._accepted += 1

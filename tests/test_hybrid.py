@@ -160,12 +160,17 @@ class VersionZeroReceiver:
         self.thread.join(10)
 
 
-def test_a_version_1_sender_facing_a_version_0_receiver_gets_a_clear_error(procs: Processes) -> None:
+@pytest.mark.parametrize("options, needs", [
+    ({"memory_mode": "hybrid"}, "memory_mode=hybrid"),
+    ({"memory_mode": "postcopy", "postcopy_recovery_s": 30}, "postcopy_recovery_s=30"),  # the token at Start
+], ids=["hybrid", "recoverable-postcopy"])
+def test_a_version_1_sender_facing_a_version_0_receiver_gets_a_clear_error(procs: Processes, options: dict,
+                                                                           needs: str) -> None:
     source = procs.run("--memory", "size=32M", "--workload", "verify")
     receiver = VersionZeroReceiver()
     try:
-        with pytest.raises(ApiError, match="refused protocol version 1, which memory_mode=hybrid needs"):
-            send(source, receiver.url, memory_mode="hybrid")
+        with pytest.raises(ApiError, match=f"refused protocol version 1, which {needs} needs"):
+            send(source, receiver.url, **options)
     finally:
         receiver.close()
     assert receiver.versions == [1]
