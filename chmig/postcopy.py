@@ -561,12 +561,13 @@ class PostcopyPager:
         pull_on_urgent = not pullers and self.prefetch.strategy != OFF
         if self.prefetch.strategy == OFF:
             self._idle.extend(pullers)  # never used: watched from the start
+        else:
+            with self._cursor_lock:  # before any thread runs: a recovery must know who closes what
+                self._pullers.update(id(source) for source in pullers)
         try:
             self.threads.start("postcopy-faults", self._fault_loop, urgent, pull_on_urgent, stopper=urgent.reset)
             if self.prefetch.strategy != OFF:
                 for source in pullers:
-                    with self._cursor_lock:
-                        self._pullers.add(id(source))
                     self.threads.start(f"postcopy-pull-{source.name}", self._pull_loop, source,
                                        stopper=source.reset)
         except RuntimeError:

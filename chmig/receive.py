@@ -239,10 +239,11 @@ class RecoveryAcceptor:
                 if len(self._unproven) >= self.limits.max_fault_connections:
                     evicted = self._unproven.pop(next(iter(self._unproven)))
                 self._unproven[number] = conn
+                if evicted is not None:
+                    evicted.shutdown()  # its thread reads the end and refuses it
             if evicted is not None:
-                log.warning("evicting %s: %d connections are already saying who they are", evicted.peer,
+                log.warning("evicted %s: %d connections were already saying who they are", evicted.peer,
                             self.limits.max_fault_connections)
-                evicted.shutdown()  # its thread reads the end and refuses it
             try:
                 self.threads.start(f"postcopy-recovery-conn-{number}", self._prove, conn, number,
                                    stopper=conn.shutdown)
@@ -265,15 +266,25 @@ class RecoveryAcceptor:
             conn.set_nodelay()
         except ChmigError as exc:
             log.warning("refusing a recovery connection from %s: %s", conn.peer, exc.message)
+            self._forget(number, conn)
             conn.close()
             return
-        finally:
-            self.threads.release(conn.shutdown)
-            with self._lock:
-                self._unproven.pop(number, None)
+        except BaseException:
+            self._forget(number, conn)
+            raise
+        if not self._forget(number, conn):  # evicted just as it proved the token: it was shut down already
+            log.warning("refusing a recovery connection from %s: evicted while it said who it is", conn.peer)
+            conn.close()
+            return
         log.info("postcopy: %s from %s proved the migration's token (attempt %d)", channel.name, conn.peer,
                  hello.attempt)
         self.arrive(hello.attempt, channel)
+
+    def _forget(self, number: int, conn: Connection) -> bool:
+        """``conn`` said who it is (or failed to): False if the accept loop had evicted it meanwhile."""
+        self.threads.release(conn.shutdown)
+        with self._lock:
+            return self._unproven.pop(number, None) is not None
 
     def close(self) -> None:
         """Stop listening (a source that reconnects now is refused) and join the threads."""

@@ -314,7 +314,9 @@ class FaultServer:
                                  self._attempt)
                         return
                     log.info("postcopy: the destination closed %s after %d pages", channel.name, served)
-                    if not (last and self.token is not None and not self.served.whole) or \
+                    with self._lock:
+                        failed = bool(self.errors)  # another connection failed for real: no recovery for that
+                    if not (last and self.token is not None and not self.served.whole) or failed or \
                             self.threads.stopping.is_set():
                         return
                     # Every connection closed cleanly with pages never asked for.  A destination that gives up
