@@ -674,14 +674,19 @@ class PostcopyPager:
         adopts it if its attempt is the newest."""
         channel.set_timeout(self.limits.fault_response_timeout_s)
         with self._cursor_lock:
-            if not self.done.is_set():
+            taken = not self.done.is_set()
+            if taken:
                 self._arrivals.append((attempt, channel))
-                channel = None  # type: ignore[assignment]
-        if channel is not None:
+        if not taken:
             log.info("postcopy: %s came after the end; closed", channel.name)
             channel.close()
             return
         os.eventfd_write(self._arrival_fd, 1)
+
+    @staticmethod
+    def _close_stale(channel: Channel, attempt: int) -> None:
+        log.info("postcopy: %s belongs to an older attempt (%d); closed", channel.name, attempt)
+        channel.close()
 
     def _take_arrivals(self) -> list[tuple[int, Channel]]:
         with self._cursor_lock:
@@ -703,8 +708,7 @@ class PostcopyPager:
         started = False
         for attempt, channel in arrivals:
             if attempt < self._attempt:
-                log.info("postcopy: %s belongs to an older attempt (%d); closed", channel.name, attempt)
-                channel.close()
+                self._close_stale(channel, attempt)
             else:
                 started |= self._add_puller(channel)
         return started
@@ -780,8 +784,7 @@ class PostcopyPager:
             newest = max((attempt for attempt, _ in arrivals), default=0)
             for attempt, channel in arrivals:
                 if attempt < newest or attempt <= self._attempt:
-                    log.info("postcopy: %s belongs to an older attempt (%d); closed", channel.name, attempt)
-                    channel.close()
+                    self._close_stale(channel, attempt)
             if newest <= self._attempt:
                 continue
             first, *more = [channel for attempt, channel in arrivals if attempt == newest]

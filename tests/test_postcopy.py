@@ -484,17 +484,23 @@ class PagerLab:
         assert not left, left
 
 
-@pytest.fixture
-def lab_factory() -> Iterator[Callable[..., PagerLab]]:
+def labs_closed_after(kind: Callable[..., PagerLab]) -> Iterator[Callable[..., PagerLab]]:
+    """A fixture's body: make labs of ``kind``, and close each at the end (a failed test must not leave a
+    registered userfaultfd behind)."""
     labs: list[PagerLab] = []
 
     def make(*args: object, **kwargs: object) -> PagerLab:
-        labs.append(PagerLab(*args, **kwargs))  # type: ignore[arg-type]
+        labs.append(kind(*args, **kwargs))
         return labs[-1]
 
     yield make
-    for lab in labs:  # a failed test must not leave a registered userfaultfd behind
+    for lab in labs:
         lab.close()
+
+
+@pytest.fixture
+def lab_factory() -> Iterator[Callable[..., PagerLab]]:
+    yield from labs_closed_after(PagerLab)
 
 
 def _error(sock: socket.socket, gpa: int, length: int) -> bool:

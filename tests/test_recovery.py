@@ -10,7 +10,6 @@ the recovery it runs on with its counters continuing and zero memory mismatches.
 from __future__ import annotations
 
 import socket
-import struct
 import time
 
 import pytest

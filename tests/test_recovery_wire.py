@@ -15,7 +15,7 @@ import dataclasses
 import socket
 import threading
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -25,7 +25,8 @@ from chmig.receive import RecoveryAcceptor
 from chmig.transport import listen, parse_url
 
 from .conftest import requires_kvm
-from .test_postcopy import PAGE_SIZE, FakeSource, PagerLab, answer_right, page_pattern, read_page_fault
+from .test_postcopy import (PAGE_SIZE, FakeSource, PagerLab, answer_right, labs_closed_after, page_pattern,
+                           read_page_fault)
 
 pytestmark = [requires_kvm, pytest.mark.timeout(60)]
 
@@ -65,16 +66,8 @@ class RecoveryLab(PagerLab):
 
 
 @pytest.fixture
-def labs() -> Iterator[Callable[..., RecoveryLab]]:
-    made: list[RecoveryLab] = []
-
-    def make(*args: object, **kwargs: object) -> RecoveryLab:
-        made.append(RecoveryLab(*args, **kwargs))  # type: ignore[arg-type]
-        return made[-1]
-
-    yield make
-    for lab in made:
-        lab.close()
+def labs() -> Iterator[Callable[..., PagerLab]]:
+    yield from labs_closed_after(RecoveryLab)
 
 
 def breaks_at_once(sock: socket.socket, gpa: int, length: int) -> bool:
@@ -113,7 +106,7 @@ HOSTILE_HELLOS = [
 
 
 @pytest.mark.parametrize("hello", HOSTILE_HELLOS)
-def test_strangers_are_refused_and_the_source_still_recovers(labs: Callable[..., RecoveryLab],
+def test_strangers_are_refused_and_the_source_still_recovers(labs: Callable[..., Any],
                                                              hello: bytes) -> None:
     lab = labs(recovery_s=20)
     lab.start(breaks_at_once)
@@ -134,7 +127,7 @@ def test_strangers_are_refused_and_the_source_still_recovers(labs: Callable[...,
     lab.assert_nothing_left()
 
 
-def test_an_older_attempt_is_refused_once_a_newer_one_came(labs: Callable[..., RecoveryLab]) -> None:
+def test_an_older_attempt_is_refused_once_a_newer_one_came(labs: Callable[..., Any]) -> None:
     lab = labs(recovery_s=20)
     lab.start(breaks_at_once)
     wait_status(lab, "recovering")
@@ -146,7 +139,7 @@ def test_an_older_attempt_is_refused_once_a_newer_one_came(labs: Callable[..., R
     lab.assert_nothing_left()
 
 
-def test_no_reconnection_within_the_deadline_fails_the_pager(labs: Callable[..., RecoveryLab]) -> None:
+def test_no_reconnection_within_the_deadline_fails_the_pager(labs: Callable[..., Any]) -> None:
     lab = labs(recovery_s=1)
     begin = time.monotonic()
     lab.start(breaks_at_once)
@@ -162,7 +155,7 @@ def test_no_reconnection_within_the_deadline_fails_the_pager(labs: Callable[...,
         socket.create_connection(lab.address, timeout=5)
 
 
-def test_the_fault_in_flight_is_asked_again_after_the_recovery(labs: Callable[..., RecoveryLab]) -> None:
+def test_the_fault_in_flight_is_asked_again_after_the_recovery(labs: Callable[..., Any]) -> None:
     """prefetch=off: a thread faults on a page; the connection breaks on that very request; the new connection's
     first request is the same page, and the thread gets the source's bytes."""
     lab = labs(recovery_s=20, prefetch="off")
