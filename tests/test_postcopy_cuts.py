@@ -457,7 +457,7 @@ class CaseRun:
 
     def _took_connections(self) -> int | None:
         """How many Fault connections the destination's pager took (from its log)."""
-        match = re.search(r"postcopy: userfaultfd on .*?, (\d+) Fault connection", _read(self.dest.log))
+        match = re.search(r"postcopy: userfaultfd on .*?, (\d+) page source\(s\)", _read(self.dest.log))
         return int(match.group(1)) if match else None
 
     def _judge_whole(self) -> None:
@@ -467,7 +467,13 @@ class CaseRun:
             while took is None and time.monotonic() < deadline:
                 time.sleep(0.05)
                 took = self._took_connections()
-            if took is not None and took < self.case.needs_connections:
+            if took is None:
+                # Never skipped silently: a reworded log line once turned this premise off unnoticed.
+                self.dest_fail("the destination's log does not say how many Fault connections its pager took")
+                self.proxy.reset_stalled()
+                self.retire = True
+                return
+            if took < self.case.needs_connections:
                 self.row.premise = f"the destination took {took} Fault connection(s)"
                 self.proxy.reset_stalled()
                 self.retire = True
