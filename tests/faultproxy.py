@@ -37,6 +37,7 @@ import enum
 import fnmatch
 import logging
 import os
+import select
 import socket
 import struct
 import threading
@@ -265,6 +266,10 @@ class FaultProxy:
         self._links: list[_Link] = []
         self._threads: list[threading.Thread] = []
         self._stop = threading.Event()
+        #: Notified whenever an accepted connection has reached the target (or failed to); guards
+        #: ``_connecting``, the connections accepted but not yet connected upstream.
+        self._accepted = threading.Condition()
+        self._connecting = 0
         self._paced_bytes = 0
         self._paced_since = 0.0
         self._listener = self._bind()
@@ -282,7 +287,7 @@ class FaultProxy:
             listener.bind((self.listen_url.host, self.listen_url.port))
         listener.listen(64)
         # The acceptor wakes up now and then to see whether close() was called: shutting a listening
-        # UNIX socket down does not reliably wake a blocked accept().
+        # UNIX socket down does not reliably wake a blocked accept() (nor a select on it).
         listener.settimeout(0.2)
         return listener
 
@@ -299,6 +304,8 @@ class FaultProxy:
     def close(self) -> None:
         """End every stall, shut every connection down, join every thread (a stuck one is an error)."""
         self._stop.set()
+        with self._accepted:
+            self._accepted.notify_all()
         with self._lock:
             links = list(self._links)
         for link in links:
@@ -382,20 +389,29 @@ class FaultProxy:
         number = 0
         while not self._stop.is_set():
             try:
-                client, _ = self._listener.accept()
+                if not select.select([self._listener], [], [], 0.2)[0]:
+                    continue
+                with self._accepted:  # accepted and counted at once: _after_earlier_connects never misses one
+                    client, _ = self._listener.accept()
+                    self._connecting += 1
             except TimeoutError:
                 continue
             except OSError as exc:
                 if not self._stop.is_set():
                     log.error("fault proxy: accept failed: %s", exc)
                 return
-            client.settimeout(None)
             try:
-                upstream = self._connect()
-            except OSError as exc:
-                log.warning("fault proxy: cannot reach %s: %s", self.target, exc)
-                client.close()
-                continue
+                client.settimeout(None)
+                try:
+                    upstream = self._connect()
+                except OSError as exc:
+                    log.warning("fault proxy: cannot reach %s: %s", self.target, exc)
+                    client.close()
+                    continue
+            finally:
+                with self._accepted:
+                    self._connecting -= 1
+                    self._accepted.notify_all()
             link = _Link(number, client, upstream, self.listen_url.is_unix)
             number += 1
             with self._lock:
@@ -593,12 +609,30 @@ class FaultProxy:
 
     def _forward(self, link: _Link, src: socket.socket, out: str, message: _Message) -> None:
         """Pass ``message`` on whole: its head, then its data straight from the socket."""
+        if out == DESTINATION:
+            self._after_earlier_connects()
         with link.write_locks[out]:
             if message.seen.kind == "request":
                 with link.lock:
                     link.pending.append(message.seen.name)
             self._send_pieces(link, out, message.head)
             self._pump(link, src, out, message.data, pace=message.seen.kind == "request")
+
+    def _after_earlier_connects(self) -> None:
+        """Wait until every connection the source opened before now has reached the target.
+
+        Over a network a connection the source opened (its connect returned) reaches the destination before
+        data the source sends afterwards on another one.  Through the proxy, which accepts and connects
+        upstream on its own thread, it may not: State could overtake a Fault connection opened before it.
+        """
+        deadline = time.monotonic() + 5
+        with self._accepted:
+            while not self._stop.is_set() and time.monotonic() < deadline:
+                waiting, _, _ = select.select([self._listener], [], [], 0)
+                if not waiting and not self._connecting:
+                    return
+                # The acceptor takes it within 0.2 s (its select) and notifies once it is connected upstream.
+                self._accepted.wait(max(0.0, deadline - time.monotonic()))
 
     def _send_pieces(self, link: _Link, out: str, pieces: list[tuple[bytes, list[int]]]) -> None:
         """Send bytes as they came, each fd attached to the same bytes it arrived with; our copies are closed."""
