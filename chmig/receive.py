@@ -66,15 +66,32 @@ RoleHandler = Callable[[Channel], bool | None]
 
 
 def accepting(listener: Listener, what: str) -> Iterator[Connection]:
-    """Every connection ``listener`` accepts, until its owner aborts it; a failed accept (a TLS handshake, a
-    peer gone before it was accepted) is one log line, and the next is awaited."""
+    """Every connection ``listener`` accepts, until its owner aborts it; a failed accept (a peer gone before
+    it was accepted) is one log line, and the next is awaited.
+
+    A TLS connection comes before its handshake: the thread that takes it runs it (:func:`handshake`), so a
+    peer that stalls there holds up nobody else."""
     while True:
         try:
-            yield listener.accept()
+            yield listener.accept(handshake=False)
         except ListenerAborted:
             return
         except TransportError as exc:
             log.warning("%s refused: %s", what, exc)
+
+
+def handshake(conn: Connection, what: str) -> bool:
+    """The TLS handshake :func:`accepting` left to the connection's thread; False (one log line, the connection
+    closed) when it failed."""
+    try:
+        conn.complete_handshake()
+        return True
+    except ListenerAborted as exc:  # the listener's owner stopped it: not the peer's doing
+        log.debug("%s from %s dropped: %s", what, conn.peer, exc)
+    except TransportError as exc:
+        log.warning("%s refused: %s", what, exc)
+    conn.close()
+    return False
 
 
 class Acceptor:
@@ -135,8 +152,8 @@ class Acceptor:
         State, so when State arrives they are in the listener's queue at the
         latest; the destination takes them all (the first is kept for urgent
         faults).  Accepts and roles notify, so this sleeps only while
-        something is on its way.  (A connection still inside its TLS handshake
-        is not seen: the migration then goes on with the others.)
+        something is on its way (a connection still inside its TLS handshake
+        counts as on its way).
         """
         deadline = time.monotonic() + timeout
         with self._progress:
@@ -162,6 +179,9 @@ class Acceptor:
                 self._open -= 1
 
     def _serve(self, conn: Connection) -> None:
+        if not handshake(conn, "additional connection"):
+            self._announced()
+            return
         channel = Channel(conn, side=p.Side.DESTINATION, name="unannounced", observers=self.observers,
                           limits=self.limits)
         channel.stall_timeout = self.limits.stall_timeout_s
@@ -211,7 +231,9 @@ class RecoveryAcceptor:
     one log line and changes nothing.  At most ``max_fault_connections``
     connections are heard at once: one more evicts the oldest still unproven,
     so strangers can neither make it open threads without end nor keep the real
-    source out by staying silent.
+    source out by staying silent — not even inside a TLS handshake, which each
+    connection runs on its own thread (bounded by the listener's handshake
+    timeout) before its role.
     """
 
     def __init__(self, listener: Listener, token: bytes, arrive: Callable[[int, Channel], None],
@@ -253,6 +275,9 @@ class RecoveryAcceptor:
 
     def _prove(self, conn: Connection, number: int) -> None:
         """Role FaultRecovery, then the right token: the connection goes to the pager; else it is closed."""
+        if not handshake(conn, "recovery connection"):
+            self._forget(number, conn)
+            return
         channel = Channel(conn, side=p.Side.DESTINATION, name="unannounced", observers=self.observers,
                           limits=self.limits)
         deadline = time.monotonic() + self.limits.role_timeout_s

@@ -58,6 +58,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import ipaddress
 import logging
 import math
@@ -74,7 +75,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
-from typing import Literal, Self
+from typing import Callable, Literal, Self
 
 from chmig.errors import ListenerAborted, TransportError
 
@@ -526,6 +527,8 @@ class Connection:
         self._is_unix = is_unix
         self._is_tls = is_tls
         self._closed = False
+        #: The TLS handshake a listener left to the connection's own thread (``accept(handshake=False)``).
+        self._pending_handshake: Callable[[], None] | None = None
 
     # ---- description ----------------------------------------------------
 
@@ -549,6 +552,18 @@ class Connection:
 
     def fileno(self) -> int:
         return self.socket.fileno()
+
+    def complete_handshake(self) -> None:
+        """Run the TLS handshake :meth:`Listener.accept` left to this thread (``handshake=False``), if any.
+
+        Bounded like the listener's own (``handshake_timeout``) and ended by
+        its abort; raises :class:`TransportError` (:class:`ListenerAborted`
+        after an abort) naming the peer.  Nothing else may use the connection
+        before this returned.
+        """
+        handshake, self._pending_handshake = self._pending_handshake, None
+        if handshake is not None:
+            handshake()
 
     # ---- reading --------------------------------------------------------
 
@@ -759,7 +774,7 @@ class Connection:
         could be reused under it); shutdown makes its read return EOF.
         """
         try:
-            self.socket.shutdown(socket.SHUT_RDWR)
+            _shutdown_fd(self.socket, socket.SHUT_RDWR)
         except OSError as e:
             # ENOTCONN: the peer is already gone or shutdown was called twice.
             # EBADF: already closed.  Either way there is nothing left to do.
@@ -778,7 +793,7 @@ class Connection:
         except OSError:
             pass  # a UNIX socket, or already closed: its close is all there is
         try:
-            self.socket.shutdown(socket.SHUT_RD)
+            _shutdown_fd(self.socket, socket.SHUT_RD)
         except OSError as e:
             if e.errno not in (errno.ENOTCONN, errno.EBADF):
                 raise TransportError(f"cannot shut down: {e}", where=self._peer) from e
@@ -800,6 +815,17 @@ class Connection:
         tb: TracebackType | None,
     ) -> None:
         self.close()
+
+
+def _shutdown_fd(sock: socket.socket, how: int) -> None:
+    """The socket's shutdown(2), from any thread.
+
+    ``ssl.SSLSocket.shutdown`` also drops its TLS state, under the feet of a
+    thread still inside a handshake or a read on it (which then fails with
+    an AttributeError, not an error about the connection); the plain
+    socket's method only shuts the fd down.
+    """
+    socket.socket.shutdown(sock, how)
 
 
 def _close_fds(fds: list[int]) -> None:
@@ -859,13 +885,19 @@ class Listener:
     def __repr__(self) -> str:
         return f"<Listener {self._address}{' tls' if self.is_tls else ''}>"
 
-    def accept(self, timeout: float | None = None) -> Connection:
+    def accept(self, timeout: float | None = None, *, handshake: bool = True) -> Connection:
         """Wait for one connection (and its TLS handshake) and return it.
 
         ``timeout`` bounds the wait for a connection; the TLS handshake has its
         own bound (``handshake_timeout`` of :func:`listen`).  Raises
         :class:`TransportError` on timeout or if the handshake fails (naming
         the peer), and its subclass :class:`ListenerAborted` after :meth:`abort`.
+
+        With ``handshake=False`` a TLS connection comes back before its
+        handshake, which the caller runs on the connection's own thread
+        (:meth:`Connection.complete_handshake`): a peer that stalls its
+        handshake then holds up that thread only, never the accept loop and the
+        connections queued behind it.
         """
         with self._state:
             if self._closed:
@@ -873,11 +905,12 @@ class Listener:
             self._active_accepts += 1
         try:
             sock = self._wait_for_connection(_deadline(timeout), timeout)
-            return self._set_up(sock)
+            conn = self._set_up(sock, handshake_now=handshake)
         finally:
             with self._state:
                 self._active_accepts -= 1
                 self._state.notify_all()
+        return conn
 
     def _wait_for_connection(
         self, deadline: float | None, timeout: float | None
@@ -898,8 +931,8 @@ class Listener:
             except OSError as e:
                 raise TransportError(f"accept failed: {e}", where=where) from e
 
-    def _set_up(self, sock: socket.socket) -> Connection:
-        """Turn a freshly accepted socket into a Connection (options, TLS)."""
+    def _set_up(self, sock: socket.socket, handshake_now: bool) -> Connection:
+        """Turn a freshly accepted socket into a Connection (options, TLS: now, or left to the connection)."""
         if self._address.is_unix:
             peer = _unix_peer(sock, self._address.path)
         else:
@@ -907,22 +940,41 @@ class Listener:
         try:
             if not self._address.is_unix:
                 _set_tcp_options(sock, peer)
+            sock.settimeout(None)
             if self._tls_context is not None:
+                # Wrapped here, before any thread may shut it down: the wrap replaces the socket object.
                 sock = self._tls_context.wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False
                 )
-                _tls_handshake(
-                    sock, _deadline(self._handshake_timeout), peer, "client", self._abort_fd
-                )
-            sock.settimeout(None)
+            conn = Connection(sock, peer=peer, is_unix=self._address.is_unix, is_tls=self.is_tls)
+            if self._tls_context is not None:
+                conn._pending_handshake = functools.partial(self._handshake, sock, peer)
+                if handshake_now:
+                    conn.complete_handshake()
         except BaseException:
             sock.close()
             raise
-        log.info("accepted %s connection from %s on %s",
-                 "TLS" if self.is_tls else "a", peer, self._address)
-        return Connection(
-            sock, peer=peer, is_unix=self._address.is_unix, is_tls=self.is_tls
-        )
+        log.info("accepted %s connection from %s on %s%s", "TLS" if self.is_tls else "a", peer, self._address,
+                 " (its handshake follows on its own thread)" if conn._pending_handshake else "")
+        return conn
+
+    def _handshake(self, sock: ssl.SSLSocket, peer: str) -> None:
+        """The server side of a TLS handshake: bounded by ``handshake_timeout``, ended by :meth:`abort`.
+
+        Counted as an accept in progress, so :meth:`close` waits for it to
+        leave before it closes the abort fd the handshake polls.
+        """
+        with self._state:
+            if self._closed:
+                raise ListenerAborted("the listener closed before the TLS handshake", where=peer)
+            self._active_accepts += 1
+        try:
+            _tls_handshake(sock, _deadline(self._handshake_timeout), peer, "client", self._abort_fd)
+            sock.settimeout(None)
+        finally:
+            with self._state:
+                self._active_accepts -= 1
+                self._state.notify_all()
 
     def pending(self) -> bool:
         """Is a connection waiting in the accept queue (the peer connected, nobody accepted it yet)?"""

@@ -22,9 +22,10 @@ import pytest
 from chmig import protocol as p
 from chmig.channel import Observers
 from chmig.receive import RecoveryAcceptor
-from chmig.transport import listen, parse_url
+from chmig.transport import TlsConfig, listen, parse_url
 
 from .conftest import requires_kvm
+from .pki import Pki
 from .test_postcopy import (PAGE_SIZE, FakeSource, PagerLab, answer_right, labs_closed_after, page_pattern,
                            read_page_fault)
 
@@ -37,23 +38,28 @@ LIMITS = dataclasses.replace(p.DEFAULT_LIMITS, role_timeout_s=1.0, fault_respons
 class RecoveryLab(PagerLab):
     """A pager that recovers (``recovery_s``), with the listener a source reconnects to."""
 
-    def __init__(self, recovery_s: float, prefetch: str = "256K") -> None:
+    def __init__(self, recovery_s: float, prefetch: str = "256K", tls: TlsConfig | None = None) -> None:
         super().__init__(1, prefetch, LIMITS)
         self.pager.recovery_s = recovery_s
-        listener = listen(parse_url("tcp:127.0.0.1:0"))
+        self.tls = tls
+        listener = listen(parse_url("tcp:127.0.0.1:0"), tls)
         self.address = (listener.address.host, listener.address.port)
         self.pager.recovery_listener = RecoveryAcceptor(listener, TOKEN, self.pager.arrive, Observers(), LIMITS)
         self.pager.recovery_listener.start()
         self.reconnected: list[socket.socket] = []
 
-    def connect(self, first_bytes: bytes) -> socket.socket:
+    def connect(self, first_bytes: bytes, tls: bool = False) -> socket.socket:
         sock = socket.create_connection(self.address, timeout=10)
+        if tls:
+            assert self.tls is not None
+            sock = self.tls.client_context().wrap_socket(sock, server_hostname=self.address[0])
         sock.sendall(first_bytes)
         return sock
 
     def reconnect(self, attempt: int, behave: Callable[[socket.socket, int, int], bool]) -> FakeSource:
         """The real source's next attempt: the right token, then it serves with ``behave``."""
-        sock = self.connect(p.ConnectionRole.FAULT_RECOVERY.encode() + p.RecoveryHello(TOKEN, attempt).encode())
+        sock = self.connect(p.ConnectionRole.FAULT_RECOVERY.encode() + p.RecoveryHello(TOKEN, attempt).encode(),
+                            tls=self.tls is not None)
         self.reconnected.append(sock)
         return FakeSource([sock], behave)
 
@@ -122,6 +128,29 @@ def test_strangers_are_refused_and_the_source_still_recovers(labs: Callable[...,
     memory = lab.memory
     lab.pager.close()
     assert memory.read(0x40000, 4 * PAGE_SIZE) == page_pattern(0x40000, 4 * PAGE_SIZE)
+    lab.close()
+    source.join()
+    lab.assert_nothing_left()
+
+
+def test_strangers_stalling_their_tls_handshake_do_not_keep_the_source_out(labs: Callable[..., Any],
+                                                                          pki: Pki) -> None:
+    """Each TLS handshake runs on its connection's thread, and an unproven connection may be evicted: more
+    silent strangers than the acceptor hears at once delay the real source by nothing like a handshake
+    timeout (10 s) each."""
+    lab = labs(recovery_s=20, tls=TlsConfig.from_dir(pki.good))
+    lab.start(breaks_at_once)
+    wait_status(lab, "recovering")
+    strangers = [socket.create_connection(lab.address, timeout=10) for _ in range(LIMITS.max_fault_connections + 2)]
+    try:
+        started = time.monotonic()
+        source = lab.reconnect(1, answer_right)
+        assert lab.pager.wait(30), "the pager did not recover"
+        assert time.monotonic() - started < 5, "the source waited behind the strangers' handshakes"
+        assert lab.pager.stats.status == "whole", lab.pager.stats.error
+    finally:
+        for sock in strangers:
+            sock.close()
     lab.close()
     source.join()
     lab.assert_nothing_left()

@@ -23,7 +23,7 @@ from typing import TypeVar
 import pytest
 
 from .pki import Pki, _tls_dir
-from chmig.errors import MigrationError, TransportError
+from chmig.errors import ListenerAborted, MigrationError, TransportError
 from chmig.transport import (
     CA_CERT_FILE,
     CLIENT_CERT_FILE,
@@ -555,6 +555,50 @@ def test_abort_interrupts_a_tls_handshake(pool: ThreadPoolExecutor, tls: TlsConf
             with pytest.raises(TransportError, match=aborted):
                 accepting.result(timeout=IO_TIMEOUT)
             assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.timeout(30)
+def test_a_stalled_tls_handshake_holds_up_only_its_own_connection(pool: ThreadPoolExecutor, tls: TlsConfig) -> None:
+    """accept(handshake=False): the accept loop goes on; each connection runs its handshake on its own thread."""
+    with listen(LOOPBACK, tls, handshake_timeout=2.0) as listener:
+        with connect(listener.address):  # plain TCP, never says a word
+            stalled = listener.accept(timeout=IO_TIMEOUT, handshake=False)
+            good = pool.submit(connect, listener.address, tls, timeout=IO_TIMEOUT)
+            started = time.monotonic()
+            conn = listener.accept(timeout=IO_TIMEOUT, handshake=False)
+            conn.complete_handshake()
+            with good.result(timeout=IO_TIMEOUT) as client, conn:
+                assert time.monotonic() - started < 1.5  # not after the silent peer's 2 s
+                client.write_all(b"hello")
+                assert conn.read_exact(5) == b"hello"
+            with pytest.raises(TransportError, match="TLS handshake with client timed out"):
+                stalled.complete_handshake()
+            stalled.close()
+
+
+@pytest.mark.timeout(30)
+def test_close_ends_a_handshake_left_to_the_connection(pool: ThreadPoolExecutor, tls: TlsConfig) -> None:
+    """A handshake running on a connection's thread counts as an accept in progress: close() aborts it and
+    waits for it to leave before it closes the fd the handshake polls."""
+    listener = listen(LOOPBACK, tls, handshake_timeout=IO_TIMEOUT)
+    with connect(listener.address):
+        conn = listener.accept(timeout=IO_TIMEOUT, handshake=False)
+        handshaking = pool.submit(conn.complete_handshake)
+        time.sleep(0.3)
+        assert not handshaking.done()
+        started = time.monotonic()
+        listener.close()
+        with pytest.raises(ListenerAborted):
+            handshaking.result(timeout=IO_TIMEOUT)
+        assert time.monotonic() - started < 0.5
+        conn.close()
+    late = listen(LOOPBACK, tls)
+    with connect(late.address):
+        conn = late.accept(timeout=IO_TIMEOUT, handshake=False)
+        late.close()
+        with pytest.raises(ListenerAborted, match="closed before the TLS handshake"):
+            conn.complete_handshake()
+        conn.close()
 
 
 @pytest.mark.timeout(10)
