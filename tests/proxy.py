@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+import struct
+import threading
 import time
+
+from chmig.transport import parse_url
 
 
 class ThrottledProxy:
@@ -18,11 +23,6 @@ class ThrottledProxy:
     """
 
     def __init__(self, target: str, rate: float) -> None:
-        import socket
-        import threading
-
-        from chmig.transport import parse_url
-
         url = parse_url(target)
         self._target = (url.host, url.port)
         self._rate = rate
@@ -38,9 +38,6 @@ class ThrottledProxy:
         self._accepter.start()
 
     def _accept(self) -> None:
-        import socket
-        import threading
-
         while not self._closed:
             try:
                 client, _ = self._listener.accept()
@@ -58,9 +55,7 @@ class ThrottledProxy:
                     self._threads.append(thread)
                     thread.start()
 
-    def _relay(self, src: "socket.socket", dst: "socket.socket") -> None:  # noqa: F821
-        import socket
-
+    def _relay(self, src: socket.socket, dst: socket.socket) -> None:
         started = time.monotonic()
         moved = 0
         try:
@@ -89,8 +84,6 @@ class ThrottledProxy:
 
     def cut(self, seconds: float) -> None:
         """Reset every connection now, and every new one for ``seconds``."""
-        import socket
-        import struct
 
         self._cut_until = time.monotonic() + seconds
         with self._lock:
@@ -104,8 +97,6 @@ class ThrottledProxy:
             self._sockets = []
 
     def close(self) -> None:
-        import socket
-
         self._closed = True
         try:
             self._listener.shutdown(socket.SHUT_RDWR)
@@ -124,10 +115,7 @@ class ThrottledProxy:
         self._accepter.join(timeout=10)
 
 
-def _reset(sock: "socket.socket") -> None:  # noqa: F821
+def _reset(sock: socket.socket) -> None:
     """Close ``sock`` with a reset (RST), not a clean end."""
-    import socket
-    import struct
-
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     sock.close()
