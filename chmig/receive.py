@@ -90,6 +90,8 @@ def handshake(conn: Connection, what: str) -> bool:
         log.debug("%s from %s dropped: %s", what, conn.peer, exc)
     except TransportError as exc:
         log.warning("%s refused: %s", what, exc)
+    except Exception as exc:  # noqa: BLE001 — a bug, but one connection's: it is refused, the migration goes on
+        log.error("%s from %s refused: its TLS handshake failed unexpectedly: %r", what, conn.peer, exc)
     conn.close()
     return False
 

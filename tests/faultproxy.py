@@ -389,7 +389,7 @@ class FaultProxy:
         number = 0
         while not self._stop.is_set():
             try:
-                if not select.select([self._listener], [], [], 0.2)[0]:
+                if not _readable(self._listener, 0.2):
                     continue
                 with self._accepted:  # accepted and counted at once: _after_earlier_connects never misses one
                     client, _ = self._listener.accept()
@@ -628,8 +628,7 @@ class FaultProxy:
         deadline = time.monotonic() + 5
         with self._accepted:
             while not self._stop.is_set() and time.monotonic() < deadline:
-                waiting, _, _ = select.select([self._listener], [], [], 0)
-                if not waiting and not self._connecting:
+                if not self._connecting and not _readable(self._listener, 0):
                     return
                 # The acceptor takes it within 0.2 s (its select) and notifies once it is connected upstream.
                 self._accepted.wait(max(0.0, deadline - time.monotonic()))
@@ -755,6 +754,13 @@ class FaultProxy:
             partner.join(2)
             if partner.is_alive():
                 link.shutdown(socket.SHUT_RDWR)
+
+
+def _readable(sock: socket.socket, timeout: float) -> bool:
+    """Is ``sock`` readable (a listener: a connection waits) within ``timeout`` seconds?"""
+    poller = select.poll()
+    poller.register(sock, select.POLLIN)
+    return bool(poller.poll(timeout * 1000))
 
 
 def _side_of(link: _Link) -> str:
