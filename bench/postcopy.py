@@ -322,8 +322,9 @@ class Chain:
                 info = {}
             if (info.get("state") == "Running" and info["migration"]["postcopy"]["status"] == "whole"
                     and source_info.get("state") == "Paused"):
-                why = re.search(r"Fault connection failed \((.*?)\);", str(exc))
-                MISREPORTED.append(f"{label} ({why.group(1) if why else exc})")
+                why = re.search(r"Fault connection failed \((.*?)\);|every page was served, but (.*?): the destination",
+                                str(exc))
+                MISREPORTED.append(f"{label} ({(why.group(1) or why.group(2)) if why else exc})")
                 c.say(f"  !! hop {label}: the source reported the migration failed ({exc}), but the destination is "
                       "whole and running: counted as a product bug, the source's stale paused copy is stopped")
                 self.vm.stop()

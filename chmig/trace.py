@@ -477,12 +477,19 @@ class Narrator:
         with self._lock:
             self._emit(text)
 
-    def note(self, text: str) -> None:
-        """A line from outside the wire (an event of a VMM, a step of the walkthrough), among the messages."""
+    def note(self, text: str) -> bool:
+        """A line from outside the wire (an event of a VMM, a step of the walkthrough), among the messages;
+        False (nothing told) once the narration is closed."""
         with self._lock:
             if self.closed:
-                return
+                return False
             self._emit(self.style.dim(f"         · {text}"))
+            return True
+
+    def close(self) -> None:
+        """No more notes (the narration's end was told); a note from now on is refused."""
+        with self._lock:
+            self.closed = True
 
     def _explain_once(self, key: str, text: str) -> None:
         if key not in self._explained:

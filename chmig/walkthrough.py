@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import logging
 import os
 import select
 import signal
@@ -123,6 +124,43 @@ class NarratedEvents(EventMonitor):
             action()
 
 
+class LoggedAsNotes(logging.Handler):
+    """chmig's warnings and errors, told as notes among the messages instead of on stderr between them."""
+
+    def __init__(self, narrator: Narrator) -> None:
+        super().__init__(logging.WARNING)
+        self.narrator = narrator
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            text = f"{record.levelname.lower()} on {record.threadName}: {record.getMessage()}"
+            if record.exc_info:  # a bug's traceback: kept whole, on stderr, where it can be reported
+                print(logging.Formatter().formatException(record.exc_info), file=sys.stderr, flush=True)
+            if not self.narrator.note(text):  # the narration has ended (cleaning up): stderr, as usual
+                print(text, file=sys.stderr, flush=True)
+        except Exception:  # noqa: BLE001 — logging must never break the walkthrough
+            self.handleError(record)
+
+    @classmethod
+    @contextlib.contextmanager
+    def installed(cls, narrator: Narrator) -> Iterator[None]:
+        """Only at the default verbosity, on stderr: with ``-v`` or ``--log-file`` the log stays whole, where it
+        was asked for."""
+        logger, root = logging.getLogger("chmig"), logging.getLogger()
+        if root.getEffectiveLevel() < logging.WARNING or any(isinstance(h, logging.FileHandler)
+                                                              for h in root.handlers):
+            yield
+            return
+        handler = cls(narrator)
+        logger.addHandler(handler)
+        propagate, logger.propagate = logger.propagate, False
+        try:
+            yield
+        finally:
+            logger.removeHandler(handler)
+            logger.propagate = propagate
+
+
 class Walk:
     """What one walkthrough runs on: the output, the narrator, the observers of both ends, what to clean up."""
 
@@ -140,6 +178,7 @@ class Walk:
         #: Every message of both ends: the diagram is drawn from it (as the source saw them).
         self.log = MessageLog()
         self.observers = Observers(self.narrator, self.log)
+        stack.enter_context(LoggedAsNotes.installed(self.narrator))
         if args.mermaid:  # a file that cannot be written is an error now, not after the migration
             try:
                 with open(args.mermaid, "a"):
@@ -265,7 +304,7 @@ class Walk:
     def finish(self, mermaid: str | None) -> None:
         """Draw the diagram of what happened (also after a failure: it shows where)."""
         self.narrator.finish()
-        self.narrator.closed = True
+        self.narrator.close()
         if mermaid:
             write_mermaid(mermaid, self.log.messages)
             self.say(f"   Mermaid sequence diagram: {mermaid}")
