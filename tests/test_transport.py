@@ -72,6 +72,19 @@ def pool() -> Iterator[ThreadPoolExecutor]:
         yield executor
 
 
+def ends_promptly(pool: ThreadPoolExecutor, call: Callable[[], object], interrupt: Callable[[], None],
+                  expected: type[BaseException], match: str | None = None, within: float = 0.5) -> None:
+    """``call`` blocks (on a pool thread) until ``interrupt`` runs; then it raises ``expected`` at once."""
+    running = pool.submit(call)
+    time.sleep(0.3)  # let it block (in poll, recv, the handshake)
+    assert not running.done()
+    started = time.monotonic()
+    interrupt()
+    with pytest.raises(expected, match=match):
+        running.result(timeout=IO_TIMEOUT)
+    assert time.monotonic() - started < within
+
+
 def serve(
     pool: ThreadPoolExecutor, listener: Listener, handler: Callable[[Connection], T]
 ) -> Future[T]:
@@ -425,14 +438,7 @@ def test_shutdown_wakes_a_blocked_reader(
         peer_done = threading.Event()
         served = serve(pool, listener, lambda conn: peer_done.wait(IO_TIMEOUT))
         with connect(listener.address, config, timeout=IO_TIMEOUT) as conn:
-            reader = pool.submit(conn.read_exact, 4, "response")
-            time.sleep(0.2)  # let the reader block in recv
-            assert not reader.done()
-            started = time.monotonic()
-            conn.shutdown()
-            with pytest.raises(ConnectionClosed):
-                reader.result(timeout=IO_TIMEOUT)
-            assert time.monotonic() - started < 1.0
+            ends_promptly(pool, lambda: conn.read_exact(4, "response"), conn.shutdown, ConnectionClosed, within=1.0)
             conn.shutdown()  # a second shutdown is harmless
             peer_done.set()
         served.result(timeout=IO_TIMEOUT)
@@ -546,15 +552,8 @@ def test_tls_handshake_times_out_on_a_silent_peer(tls: TlsConfig) -> None:
 def test_abort_interrupts_a_tls_handshake(pool: ThreadPoolExecutor, tls: TlsConfig) -> None:
     with listen(LOOPBACK, tls, handshake_timeout=IO_TIMEOUT) as listener:
         with connect(listener.address):  # silent peer: accept sits in the handshake
-            accepting = pool.submit(listener.accept)
-            time.sleep(0.3)
-            assert not accepting.done()
-            started = time.monotonic()
-            listener.abort()
-            aborted = "accept aborted during the TLS handshake with client"
-            with pytest.raises(TransportError, match=aborted):
-                accepting.result(timeout=IO_TIMEOUT)
-            assert time.monotonic() - started < 0.5
+            ends_promptly(pool, listener.accept, listener.abort, TransportError,
+                          match="accept aborted during the TLS handshake with client")
 
 
 @pytest.mark.timeout(30)
@@ -583,14 +582,7 @@ def test_close_ends_a_handshake_left_to_the_connection(pool: ThreadPoolExecutor,
     listener = listen(LOOPBACK, tls, handshake_timeout=IO_TIMEOUT)
     with connect(listener.address):
         conn = listener.accept(timeout=IO_TIMEOUT, handshake=False)
-        handshaking = pool.submit(conn.complete_handshake)
-        time.sleep(0.3)
-        assert not handshaking.done()
-        started = time.monotonic()
-        listener.close()
-        with pytest.raises(ListenerAborted):
-            handshaking.result(timeout=IO_TIMEOUT)
-        assert time.monotonic() - started < 0.5
+        ends_promptly(pool, conn.complete_handshake, listener.close, ListenerAborted)
         conn.close()
     late = listen(LOOPBACK, tls)
     with connect(late.address):
@@ -806,14 +798,7 @@ def test_accept_is_aborted_promptly_from_another_thread(
 ) -> None:
     url = Url.unix(tmp_path / "abort.sock") if kind == "unix" else LOOPBACK
     with listen(url) as listener:
-        accepting = pool.submit(listener.accept)
-        time.sleep(0.2)  # let it block in poll
-        assert not accepting.done()
-        started = time.monotonic()
-        listener.abort()
-        with pytest.raises(TransportError, match="accept aborted"):
-            accepting.result(timeout=IO_TIMEOUT)
-        assert time.monotonic() - started < 0.5
+        ends_promptly(pool, listener.accept, listener.abort, TransportError, match="accept aborted")
         # Abort is sticky: later accepts fail at once too.
         with pytest.raises(TransportError, match="accept aborted"):
             listener.accept(timeout=IO_TIMEOUT)
@@ -822,13 +807,7 @@ def test_accept_is_aborted_promptly_from_another_thread(
 @pytest.mark.timeout(30)
 def test_close_aborts_a_pending_accept(pool: ThreadPoolExecutor) -> None:
     listener = listen(LOOPBACK)
-    accepting = pool.submit(listener.accept)
-    time.sleep(0.2)
-    started = time.monotonic()
-    listener.close()
-    with pytest.raises(TransportError, match="accept aborted"):
-        accepting.result(timeout=IO_TIMEOUT)
-    assert time.monotonic() - started < 0.5
+    ends_promptly(pool, listener.accept, listener.close, TransportError, match="accept aborted")
     with pytest.raises(TransportError, match="listener is closed"):
         listener.accept()
     listener.abort()  # harmless after close
