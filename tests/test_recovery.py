@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -84,6 +85,43 @@ def test_a_2_s_cut_mid_postcopy_recovers_and_a_stranger_is_refused(procs: Proces
     after = dest.wait_rounds(start + 2, timeout=60)
     assert after["guest"]["errors"] == 0 and after["state"] == "Running", after["guest"]
     assert "refusing a recovery connection" in dest.log.read_text() and "wrong migration token" in dest.log.read_text()
+
+
+def test_a_cut_recovers_over_tls_while_strangers_stall_their_handshakes(procs: Processes,
+                                                                       tls_dirs: dict[str, Path]) -> None:
+    """The source reconnects with TLS (the destination's listener keeps its certificates); strangers that
+    connect and never start a handshake are there first, and do not hold the source up."""
+    source = procs.run(*GUEST)
+    source.wait_rounds(2)
+    dest, url = procs.receive("tcp:127.0.0.1:0", "--memory-mode", "postcopy", "--postcopy-recovery-s", "30",
+                              "--tls-dir", str(tls_dirs["good"]))
+    proxy = ThrottledProxy(url, LINK)
+    host, port = url.removeprefix("tcp:").rsplit(":", 1)
+    strangers: list[socket.socket] = []
+    try:
+        sending = BackgroundCall(source, "PUT", "vm.send-migration",
+                                 {"destination_url": proxy.url, "memory_mode": "postcopy", "postcopy_recovery_s": 30,
+                                  "tls_dir": str(tls_dirs["good"])})
+        pulling(dest)
+        proxy.cut(2.0)
+        dest.wait_for(lambda i: postcopy_of(i).get("status") == "recovering", timeout=10, what="recovering")
+        strangers = [socket.create_connection((host, int(port)), timeout=20) for _ in range(3)]
+        recovering_at = time.monotonic()
+        assert sending.result(120) is None, sending.outcome
+    finally:
+        for conn in strangers:
+            conn.close()
+        proxy.close()
+    stats = sending.answer
+    assert isinstance(stats, dict) and stats["status"] == "completed", stats
+    recovery = stats["postcopy"]["recoveries"][0]
+    # The cut lasts 2 s and the source retries within 1 s; each stranger's handshake would take 10 s in turn.
+    info = dest.wait_for(lambda i: postcopy_of(i).get("status") == "whole", timeout=90, what="whole")
+    first = postcopy_of(info)["recoveries"][0]
+    assert first["duration_ms"] < 8000, (first, recovery, time.monotonic() - recovering_at)
+    after = dest.wait_rounds(info["guest"]["rounds"] + 2, timeout=60)
+    assert after["guest"]["errors"] == 0 and after["state"] == "Running", after["guest"]
+    assert source.wait_exit(30) == 0
 
 
 def test_a_hybrid_migration_recovers_from_a_cut_after_its_switch(procs: Processes) -> None:
