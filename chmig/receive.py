@@ -1,6 +1,9 @@
 """The destination side of a migration: the receiver state machine, on the wire.
 
-The main connection is read one request at a time through a
+Until the sender is found, every connection is a candidate made ready on a
+thread of its own (:class:`SenderCandidates`: TLS handshake, first bytes);
+the first ready one is read as the main connection.  The main connection is
+read one request at a time through a
 :class:`~chmig.channel.Channel`.  For each header the
 :class:`~chmig.protocol.ReceiverMachine` decides — before any payload is read
 or anything allocated — whether the command is allowed now; the message layer
@@ -19,8 +22,11 @@ This module builds no VMM and serves no API: :mod:`chmig.vmm` drives it.
 
 from __future__ import annotations
 
+import collections
 import logging
+import os
 import queue
+import select
 import threading
 import time
 from dataclasses import dataclass, field
@@ -94,6 +100,121 @@ def handshake(conn: Connection, what: str) -> bool:
         log.error("%s from %s refused: its TLS handshake failed unexpectedly: %r", what, conn.peer, exc)
     conn.close()
     return False
+
+
+def _first_bytes_within(conn: Connection, timeout: float) -> bool:
+    """Did ``conn`` send something (or its end) within ``timeout`` seconds?"""
+    if conn.is_tls and conn.socket.pending():  # bytes that came with the handshake are already decrypted
+        return True
+    poller = select.poll()
+    poller.register(conn.fileno(), select.POLLIN | select.POLLRDHUP)
+    return bool(poller.poll(timeout * 1000))
+
+
+class SenderCandidates:
+    """Whoever connects before the sender was found, each made ready on a thread of its own.
+
+    A candidate's thread runs its TLS handshake and waits (at most
+    ``first_request_timeout_s``) for its first bytes; then it is offered by
+    :meth:`next_ready`, in the order candidates became ready, to be read as the
+    main connection.  One that says nothing or fails its handshake is closed
+    with one log line.  No candidate holds up another: a port scanner that
+    stays silent, or a stranger stalling its handshake, costs the real sender
+    nothing (Cloud Hypervisor takes its first connection as the sender).  At
+    most ``max_connections`` are heard at once; one more evicts the oldest.
+    """
+
+    def __init__(self, listener: Listener, limits: p.Limits = p.DEFAULT_LIMITS) -> None:
+        self.listener = listener
+        self.limits = limits
+        self.threads = ThreadGroup("migrate-receive-candidates")
+        self._lock = threading.Lock()
+        #: Candidates still getting ready, oldest first.
+        self._waiting: dict[int, Connection] = {}
+        self._ready: collections.deque[Connection] = collections.deque()
+        self._ready_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._accepted = 0
+
+    def next_ready(self, deadline: float | None) -> Connection:
+        """Accept until a candidate is ready (its first bytes or its end are there) and return it (the caller
+        owns it).  Raises TransportError at the deadline for a ready sender (or on a failed accept),
+        ListenerAborted after an abort."""
+        while True:
+            with self._lock:
+                if self._ready:
+                    return self._ready.popleft()
+                waiting = len(self._waiting)
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise TransportError("no sender in time" + (f" ({waiting} connection(s) accepted had not said "
+                                                             "anything yet)" if waiting else ""),
+                                     where=str(self.listener.address))
+            conn = self.listener.accept_or_wake(self._ready_fd, timeout=remaining, handshake=False)
+            if conn is None:
+                os.eventfd_read(self._ready_fd)
+            else:
+                self._admit(conn)
+
+    def _admit(self, conn: Connection) -> None:
+        with self._lock:
+            number = self._accepted
+            self._accepted += 1
+            evicted = None
+            if len(self._waiting) >= self.limits.max_connections:
+                evicted = self._waiting.pop(next(iter(self._waiting)))
+            self._waiting[number] = conn
+        try:
+            self.threads.start(f"migrate-receive-candidate-{number}", self._get_ready, conn, number,
+                               stopper=conn.shutdown)
+        except RuntimeError:  # closing
+            with self._lock:
+                self._waiting.pop(number, None)
+            conn.close()
+        if evicted is not None:
+            log.warning("ignoring a connection from %s: %d newer ones came before it said anything", evicted.peer,
+                        self.limits.max_connections)
+            try:
+                evicted.shutdown()  # its thread wakes and closes it
+            except ChmigError as exc:
+                log.warning("shutting %s down: %s", evicted.peer, exc)
+
+    def _get_ready(self, conn: Connection, number: int) -> None:
+        """A candidate's thread: the handshake, then its first bytes; offered if both came in time."""
+        offered = False
+        try:
+            shaken = handshake(conn, "connection")  # a failure is logged, and the connection closed
+            spoke = shaken and _first_bytes_within(conn, self.limits.first_request_timeout_s)
+            with self._lock:
+                mine = self._waiting.pop(number, None) is not None  # not evicted
+                offered = spoke and mine and not self.threads.stopping.is_set()
+                if offered:
+                    self._ready.append(conn)
+                    self.threads.release(conn.shutdown)  # the one who takes it owns it
+            if shaken and not spoke and mine and not self.threads.stopping.is_set():
+                log.warning("ignoring a connection from %s that sent no request within %g s "
+                            "(first_request_timeout_s)", conn.peer, self.limits.first_request_timeout_s)
+        finally:
+            if offered:
+                os.eventfd_write(self._ready_fd, 1)
+            else:
+                with self._lock:
+                    self._waiting.pop(number, None)
+                self.threads.release(conn.shutdown)
+                conn.close()
+
+    def close(self) -> None:
+        """Stop and join every candidate's thread; close the candidates nobody took."""
+        self.threads.stop()
+        try:
+            self.threads.join(timeout=10)
+        except StuckThreadError as exc:  # reported; the sender's connection, if found, is not theirs
+            log.error("%s", exc)
+        finally:
+            with self._lock:
+                left, self._ready = list(self._ready), collections.deque()
+            for conn in left:
+                conn.close()
+            os.close(self._ready_fd)
 
 
 class Acceptor:
@@ -472,43 +593,50 @@ class Receiver:
     def _accept_sender(self, accept_timeout: float | None) -> tuple[Channel, IncomingRequest]:
         """Accept connections until one brings a first request; keep listening after empty or failed ones.
 
-        A port probe (connect and close), a peer that says nothing within
-        ``first_request_timeout_s``, a half header or a failed TLS handshake is
-        logged in one line and dropped: the real sender may still come.  A
-        first request the protocol refuses (not Start) ends the migration, as
-        any protocol error does.
+        Every connection is a candidate (:class:`SenderCandidates`), made ready
+        on its own thread: a port probe (connect and close), a peer that says
+        nothing within ``first_request_timeout_s``, a half header or a failed
+        TLS handshake is logged in one line and dropped, and none of them holds
+        up the real sender.  A first request the protocol refuses (not Start)
+        ends the migration, as any protocol error does.
         """
         deadline = None if accept_timeout is None else time.monotonic() + accept_timeout
-        while True:
-            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-            try:
-                conn = self.listener.accept(timeout=remaining)
-            except ListenerAborted:
-                raise MigrationError("the migration was cancelled before a sender connected",
-                                     where="receive") from None
-            except TransportError as exc:
-                if deadline is not None and time.monotonic() >= deadline:
+        candidates = SenderCandidates(self.listener, self.limits)
+        try:
+            while True:
+                try:
+                    conn = candidates.next_ready(deadline)
+                except ListenerAborted:
+                    raise MigrationError("the migration was cancelled before a sender connected",
+                                         where="receive") from None
+                except TransportError as exc:
+                    if deadline is not None and time.monotonic() >= deadline:
+                        raise
+                    log.warning("ignoring a failed connection attempt: %s", exc)
+                    continue
+                if self._cancelled.is_set():  # others may still be ready: none is read after a cancel
+                    conn.close()
+                    raise MigrationError("the migration was cancelled before a sender connected", where="receive")
+                channel = Channel(conn, side=p.Side.DESTINATION, observers=self.observers, limits=self.limits)
+                try:
+                    # Small requests and responses must not wait for Nagle and delayed ACKs (44 ms a time here).
+                    conn.set_nodelay()
+                    channel.stall_timeout = self.limits.stall_timeout_s
+                    first = self._read_request(channel)
+                except ProtocolError:
+                    channel.close()
                     raise
-                log.warning("ignoring a failed connection attempt: %s", exc)
-                continue
-            # Small requests and responses must not wait for Nagle and delayed ACKs (44 ms a time here).
-            conn.set_nodelay()
-            channel = Channel(conn, side=p.Side.DESTINATION, observers=self.observers, limits=self.limits)
-            channel.stall_timeout = self.limits.stall_timeout_s
-            try:
-                first = self._read_request(channel)
-            except ProtocolError:
-                channel.close()
-                raise
-            except (TransportError, ConnectionClosed) as exc:
-                log.warning("ignoring a connection from %s that sent no request: %s", conn.peer, exc.message)
-                channel.close()
-                continue
-            except BaseException:
-                channel.close()
-                raise
-            log.info("incoming migration from %s", conn.peer)
-            return channel, first
+                except (TransportError, ConnectionClosed) as exc:
+                    log.warning("ignoring a connection from %s that sent no request: %s", conn.peer, exc.message)
+                    channel.close()
+                    continue
+                except BaseException:
+                    channel.close()
+                    raise
+                log.info("incoming migration from %s", conn.peer)
+                return channel, first
+        finally:
+            candidates.close()
 
     def _read_request(self, channel: Channel) -> IncomingRequest:
         """The next request of the main connection, admitted by the state machine (Error answered if not)."""

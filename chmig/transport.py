@@ -385,21 +385,25 @@ class _Wait(enum.Enum):
     READY = enum.auto()
     TIMED_OUT = enum.auto()
     ABORTED = enum.auto()
+    WOKEN = enum.auto()
 
 
 def _wait(
-    fd: int, events: int, deadline: float | None, abort_fd: int | None = None
+    fd: int, events: int, deadline: float | None, abort_fd: int | None = None, wake_fd: int | None = None
 ) -> _Wait:
-    """Wait until ``fd`` has ``events``, the deadline passes or ``abort_fd`` fires.
+    """Wait until ``fd`` has ``events``, the deadline passes, ``abort_fd`` fires or ``wake_fd`` is readable.
 
     An error or hang-up on ``fd`` counts as READY: the socket call that
     follows will report it with a proper error.  An abort wins over
-    readiness, so an aborted listener never hands out one more connection.
+    readiness, so an aborted listener never hands out one more connection;
+    a wake-up loses to both (a waiting connection is taken first).
     """
     poller = select.poll()
     poller.register(fd, events)
     if abort_fd is not None:
         poller.register(abort_fd, select.POLLIN)
+    if wake_fd is not None:
+        poller.register(wake_fd, select.POLLIN)
     if deadline is None:
         timeout_ms = None
     else:
@@ -410,7 +414,9 @@ def _wait(
     ready = dict(poller.poll(timeout_ms))  # EINTR is retried by Python (PEP 475)
     if abort_fd is not None and abort_fd in ready:
         return _Wait.ABORTED
-    return _Wait.READY if fd in ready else _Wait.TIMED_OUT
+    if fd in ready:
+        return _Wait.READY
+    return _Wait.WOKEN if wake_fd is not None and wake_fd in ready else _Wait.TIMED_OUT
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -899,25 +905,37 @@ class Listener:
         handshake then holds up that thread only, never the accept loop and the
         connections queued behind it.
         """
+        conn = self._accept(timeout, handshake, wake_fd=None)
+        assert conn is not None  # only a wake-up returns none
+        return conn
+
+    def accept_or_wake(self, wake_fd: int, timeout: float | None = None, *,
+                       handshake: bool = True) -> Connection | None:
+        """:meth:`accept`, or None as soon as ``wake_fd`` (an eventfd the caller owns and reads) is readable:
+        the caller waits for a connection and for work of its own at once.  A waiting connection goes first."""
+        return self._accept(timeout, handshake, wake_fd)
+
+    def _accept(self, timeout: float | None, handshake: bool, wake_fd: int | None) -> Connection | None:
         with self._state:
             if self._closed:
                 raise ListenerAborted("listener is closed", where=str(self._address))
             self._active_accepts += 1
         try:
-            sock = self._wait_for_connection(_deadline(timeout), timeout)
-            conn = self._set_up(sock, handshake_now=handshake)
+            sock = self._wait_for_connection(_deadline(timeout), timeout, wake_fd)
+            return None if sock is None else self._set_up(sock, handshake_now=handshake)
         finally:
             with self._state:
                 self._active_accepts -= 1
                 self._state.notify_all()
-        return conn
 
     def _wait_for_connection(
-        self, deadline: float | None, timeout: float | None
-    ) -> socket.socket:
+        self, deadline: float | None, timeout: float | None, wake_fd: int | None = None
+    ) -> socket.socket | None:
         where = str(self._address)
         while True:
-            outcome = _wait(self._sock.fileno(), select.POLLIN, deadline, self._abort_fd)
+            outcome = _wait(self._sock.fileno(), select.POLLIN, deadline, self._abort_fd, wake_fd)
+            if outcome is _Wait.WOKEN:
+                return None
             if outcome is _Wait.ABORTED:
                 raise ListenerAborted("waiting for a connection: accept aborted", where=where)
             if outcome is _Wait.TIMED_OUT:

@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from chmig import protocol as p
-from chmig.errors import ChmigError
+from chmig.errors import ChmigError, MigrationError
 from chmig.memory import GuestRamMapping, ZoneConfig
 from chmig.receive import Receiver
 from chmig.transport import listen, parse_url
@@ -81,6 +81,10 @@ class RawSender:
                 return None
             data += chunk
         return p.Response.decode(data).status
+
+    def receiver_threads(self) -> list[str]:
+        """The receiver's candidate threads still running."""
+        return [t.name for t in threading.enumerate() if t.name.startswith("migrate-receive-candidate-")]
 
     def finish(self) -> BaseException | None:
         self.sock.close()
@@ -313,6 +317,65 @@ def test_probes_and_idle_peers_do_not_end_the_receiver(tmp_path: Path) -> None:
     assert raw.request(p.Request.start()) is p.Status.OK
     assert raw.request(p.Request.abandon()) is p.Status.OK
     assert "abandoned" in str(raw.finish())
+
+
+def test_silent_peers_that_came_first_do_not_delay_the_sender(tmp_path: Path) -> None:
+    """Every connection is made ready on its own thread: peers that connected first and say nothing cost the
+    real sender nothing (not their first_request_timeout_s each), and are closed once it is found."""
+    limits = p.Limits(first_request_timeout_s=5, stall_timeout_s=5)
+    raw = RawSender(f"unix:{tmp_path}/in.sock", limits)
+    threads_before = threading.active_count()
+    silent = [raw.sock, *(raw.connect() for _ in range(3))]
+    raw.sock = raw.connect()
+    started = time.monotonic()
+    assert raw.request(p.Request.start()) is p.Status.OK
+    assert time.monotonic() - started < 2, "the sender waited behind the silent peers"
+    for sock in silent:
+        assert sock.recv(16) == b""  # closed, unanswered, as soon as the sender was found
+        sock.close()
+    assert raw.request(p.Request.abandon()) is p.Status.OK
+    assert "abandoned" in str(raw.finish())
+    assert threading.active_count() <= threads_before
+
+
+def test_a_cancel_ends_the_wait_for_a_sender_at_once_with_silent_peers_waiting(tmp_path: Path) -> None:
+    raw = RawSender(f"unix:{tmp_path}/in.sock", p.Limits(first_request_timeout_s=20))
+    silent = [raw.sock, raw.connect()]  # both say nothing: their threads wait for first bytes
+    deadline = time.monotonic() + 10
+    while len(raw.receiver_threads()) < 2:
+        assert time.monotonic() < deadline, "the candidates' threads never started"
+        time.sleep(0.01)
+    started = time.monotonic()
+    raw.receiver.cancel()
+    raw.thread.join(10)
+    assert not raw.thread.is_alive() and time.monotonic() - started < 2
+    assert isinstance(raw.error, MigrationError) and "cancelled before a sender connected" in str(raw.error)
+    assert not raw.receiver_threads()
+    for sock in silent:
+        assert sock.recv(16) == b""
+        sock.close()
+    raw.listener.close()
+
+
+def test_stalled_tls_handshakes_before_the_sender_do_not_delay_it(procs: Processes,
+                                                                   tls_dirs: dict[str, Path]) -> None:
+    """Strangers that connect to a TLS receiver and never start their handshake (10 s each if done in turn)."""
+    source = procs.run(*VM_ARGS)
+    before = source.wait_rounds(1)
+    dest, url = procs.receive("tcp:127.0.0.1:0", "--tls-dir", str(tls_dirs["good"]))
+    host, port = url.removeprefix("tcp:").rsplit(":", 1)
+    strangers = [socket.create_connection((host, int(port)), timeout=20) for _ in range(3)]
+    try:
+        started = time.monotonic()
+        source.call("PUT", "vm.send-migration", {"destination_url": url, "tls_dir": str(tls_dirs["good"])},
+                    timeout=90)
+        took = time.monotonic() - started
+    finally:
+        for sock in strangers:
+            sock.close()
+    assert took < 10, f"the migration took {took:.1f} s: it waited behind the strangers' handshakes"
+    info = dest.wait_rounds(before["guest"]["rounds"] + 2)
+    assert info["guest"]["errors"] == 0
 
 
 def test_receive_process_survives_a_port_probe_and_a_failed_tls_handshake(procs: Processes, tmp_path: Path,

@@ -593,6 +593,26 @@ def test_close_ends_a_handshake_left_to_the_connection(pool: ThreadPoolExecutor,
         conn.close()
 
 
+@pytest.mark.timeout(30)
+def test_accept_or_wake_returns_none_on_a_wake_up_and_a_waiting_connection_first(pool: ThreadPoolExecutor) -> None:
+    wake = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+    try:
+        with listen(LOOPBACK) as listener:
+            waiting = pool.submit(listener.accept_or_wake, wake, IO_TIMEOUT)
+            time.sleep(0.2)
+            assert not waiting.done()
+            os.eventfd_write(wake, 1)
+            assert waiting.result(timeout=IO_TIMEOUT) is None
+            # Still readable (the caller reads it): a connection that is there goes first anyway.
+            with connect(listener.address):
+                conn = listener.accept_or_wake(wake, IO_TIMEOUT)
+                assert conn is not None
+                conn.close()
+            assert listener.accept_or_wake(wake, IO_TIMEOUT) is None
+    finally:
+        os.close(wake)
+
+
 @pytest.mark.timeout(10)
 def test_tls_on_unix_url_is_refused(tmp_path: Path, tls: TlsConfig) -> None:
     url = Url.unix(tmp_path / "tls.sock")
