@@ -149,7 +149,14 @@ class SenderCandidates:
                 raise TransportError("no sender in time" + (f" ({waiting} connection(s) accepted had not said "
                                                              "anything yet)" if waiting else ""),
                                      where=str(self.listener.address))
-            conn = self.listener.accept_or_wake(self._ready_fd, timeout=remaining, handshake=False)
+            try:
+                conn = self.listener.accept_or_wake(self._ready_fd, timeout=remaining, handshake=False)
+            except ListenerAborted:
+                raise
+            except TransportError:
+                if deadline is not None and time.monotonic() >= deadline:
+                    continue  # said above, with the candidates still quiet
+                raise
             if conn is None:
                 os.eventfd_read(self._ready_fd)
             else:
@@ -190,13 +197,12 @@ class SenderCandidates:
                 if offered:
                     self._ready.append(conn)
                     self.threads.release(conn.shutdown)  # the one who takes it owns it
+                    os.eventfd_write(self._ready_fd, 1)  # under the lock: close() closes the fd under it
             if shaken and not spoke and mine and not self.threads.stopping.is_set():
                 log.warning("ignoring a connection from %s that sent no request within %g s "
                             "(first_request_timeout_s)", conn.peer, self.limits.first_request_timeout_s)
         finally:
-            if offered:
-                os.eventfd_write(self._ready_fd, 1)
-            else:
+            if not offered:
                 with self._lock:
                     self._waiting.pop(number, None)
                 self.threads.release(conn.shutdown)
@@ -212,9 +218,9 @@ class SenderCandidates:
         finally:
             with self._lock:
                 left, self._ready = list(self._ready), collections.deque()
+                os.close(self._ready_fd)
             for conn in left:
                 conn.close()
-            os.close(self._ready_fd)
 
 
 class Acceptor:

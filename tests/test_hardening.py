@@ -18,7 +18,7 @@ from typing import Iterator
 import pytest
 
 from chmig import protocol as p
-from chmig.errors import ChmigError, MigrationError
+from chmig.errors import ChmigError, MigrationError, TransportError
 from chmig.memory import GuestRamMapping, ZoneConfig
 from chmig.receive import Receiver
 from chmig.transport import listen, parse_url
@@ -357,6 +357,21 @@ def test_a_cancel_ends_the_wait_for_a_sender_at_once_with_silent_peers_waiting(t
     raw.listener.close()
 
 
+def test_no_sender_in_time_says_so_and_counts_the_quiet_connections(tmp_path: Path) -> None:
+    listener = listen(parse_url(f"unix:{tmp_path}/in.sock"))
+    receiver = Receiver(listener, limits=p.Limits(first_request_timeout_s=20))
+    quiet = socket.socket(socket.AF_UNIX)
+    quiet.settimeout(10)
+    quiet.connect(str(tmp_path / "in.sock"))
+    try:
+        with pytest.raises(TransportError, match=r"no sender in time \(1 connection\(s\) accepted had not said"):
+            receiver.run(accept_timeout=0.5)
+        assert quiet.recv(16) == b""
+    finally:
+        quiet.close()
+        listener.close()
+
+
 def test_stalled_tls_handshakes_before_the_sender_do_not_delay_it(procs: Processes,
                                                                    tls_dirs: dict[str, Path]) -> None:
     """Strangers that connect to a TLS receiver and never start their handshake (10 s each if done in turn)."""
@@ -407,7 +422,14 @@ def test_worker_probes_give_their_place_back(tmp_path: Path) -> None:
         probe = raw.connect()
         probe.close()
     deadline = time.monotonic() + 10
-    while raw.receiver.threads.alive() != ["migrate-receive-accept"] and time.monotonic() < deadline:
+
+    def probes_gone() -> bool:
+        # Every probe accepted (none left in the backlog to arrive with the worker and take its place: under
+        # load, several could) and its thread ended.
+        return not raw.listener.pending() and raw.receiver.threads.alive() == ["migrate-receive-accept"]
+
+    while not probes_gone():
+        assert time.monotonic() < deadline, "the probes were not all accepted and ended"
         time.sleep(0.02)
     worker = raw.connect()
     worker.sendall(p.ConnectionRole.PRECOPY_MEMORY.encode())
