@@ -102,6 +102,34 @@ def handshake(conn: Connection, what: str) -> bool:
     return False
 
 
+class Heard:
+    """Connections not yet past their first words (handshake, role, hello), numbered in arrival order.
+
+    At most ``cap`` at once: one more evicts the oldest, so strangers can neither
+    make their owner hear them without end nor keep the real peer out by staying
+    silent.  Not thread-safe: its owner holds its own lock around every call.
+    """
+
+    def __init__(self, cap: int) -> None:
+        self.cap = cap
+        self._connections: dict[int, Connection] = {}
+        self._next = 0
+
+    def __len__(self) -> int:
+        return len(self._connections)
+
+    def add(self, conn: Connection) -> tuple[int, Connection | None]:
+        """Hear ``conn``: its number, and the oldest one it evicted (the caller shuts that down), if any."""
+        number, self._next = self._next, self._next + 1
+        evicted = self._connections.pop(next(iter(self._connections))) if len(self) >= self.cap else None
+        self._connections[number] = conn
+        return number, evicted
+
+    def forget(self, number: int) -> bool:
+        """Connection ``number`` got past its first words (or failed to): False if it had been evicted."""
+        return self._connections.pop(number, None) is not None
+
+
 def _first_bytes_within(conn: Connection, timeout: float) -> bool:
     """Did ``conn`` send something (or its end) within ``timeout`` seconds?"""
     if conn.is_tls and conn.socket.pending():  # bytes that came with the handshake are already decrypted
@@ -129,11 +157,10 @@ class SenderCandidates:
         self.limits = limits
         self.threads = ThreadGroup("migrate-receive-candidates")
         self._lock = threading.Lock()
-        #: Candidates still getting ready, oldest first.
-        self._waiting: dict[int, Connection] = {}
+        #: Candidates still getting ready.
+        self._waiting = Heard(limits.max_connections)
         self._ready: collections.deque[Connection] = collections.deque()
         self._ready_fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
-        self._accepted = 0
 
     def next_ready(self, deadline: float | None) -> Connection:
         """Accept until a candidate is ready (its first bytes or its end are there) and return it (the caller
@@ -164,18 +191,13 @@ class SenderCandidates:
 
     def _admit(self, conn: Connection) -> None:
         with self._lock:
-            number = self._accepted
-            self._accepted += 1
-            evicted = None
-            if len(self._waiting) >= self.limits.max_connections:
-                evicted = self._waiting.pop(next(iter(self._waiting)))
-            self._waiting[number] = conn
+            number, evicted = self._waiting.add(conn)
         try:
             self.threads.start(f"migrate-receive-candidate-{number}", self._get_ready, conn, number,
                                stopper=conn.shutdown)
         except RuntimeError:  # closing
             with self._lock:
-                self._waiting.pop(number, None)
+                self._waiting.forget(number)
             conn.close()
         if evicted is not None:
             log.warning("ignoring a connection from %s: %d newer ones came before it said anything", evicted.peer,
@@ -192,7 +214,7 @@ class SenderCandidates:
             shaken = handshake(conn, "connection")  # a failure is logged, and the connection closed
             spoke = shaken and _first_bytes_within(conn, self.limits.first_request_timeout_s)
             with self._lock:
-                mine = self._waiting.pop(number, None) is not None  # not evicted
+                mine = self._waiting.forget(number)  # not evicted
                 offered = spoke and mine and not self.threads.stopping.is_set()
                 if offered:
                     self._ready.append(conn)
@@ -204,7 +226,7 @@ class SenderCandidates:
         finally:
             if not offered:
                 with self._lock:
-                    self._waiting.pop(number, None)
+                    self._waiting.forget(number)
                 self.threads.release(conn.shutdown)
                 conn.close()
 
@@ -374,9 +396,8 @@ class RecoveryAcceptor:
         self.limits = limits
         self.threads = ThreadGroup("postcopy-recovery")
         self._lock = threading.Lock()
-        #: Connections still saying who they are, oldest first.
-        self._unproven: dict[int, Connection] = {}
-        self._accepted = 0
+        #: Connections still saying who they are.
+        self._unproven = Heard(limits.max_fault_connections)
 
     def start(self) -> None:
         self.threads.start("postcopy-recovery-accept", self._accept_loop, stopper=self.listener.abort)
@@ -384,12 +405,7 @@ class RecoveryAcceptor:
     def _accept_loop(self) -> None:
         for conn in accepting(self.listener, "recovery connection"):
             with self._lock:
-                number = self._accepted
-                self._accepted += 1
-                evicted = None
-                if len(self._unproven) >= self.limits.max_fault_connections:
-                    evicted = self._unproven.pop(next(iter(self._unproven)))
-                self._unproven[number] = conn
+                number, evicted = self._unproven.add(conn)
                 if evicted is not None:
                     evicted.shutdown()  # its thread reads the end and refuses it
             if evicted is not None:
@@ -438,7 +454,7 @@ class RecoveryAcceptor:
         """``conn`` said who it is (or failed to): False if the accept loop had evicted it meanwhile."""
         self.threads.release(conn.shutdown)
         with self._lock:
-            return self._unproven.pop(number, None) is not None
+            return self._unproven.forget(number)
 
     def close(self) -> None:
         """Stop listening (a source that reconnects now is refused) and join the threads."""
